@@ -1,0 +1,265 @@
+"""Data sets and loaders.
+
+Every data option is a function built by `hydra.utils.instantiate(cfg.data.dataset, ...)`; the run
+supplies what only it knows (the input size the model needs, the model's normalization, the seed).
+Small sets are turned into tensors once and batched by indexing, so an epoch does no per-item
+Python work; file-backed sets go through a torch DataLoader with workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+
+from tunelab.errors import ConfigError, require
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Splits:
+    """A training and a validation set with the class names they share."""
+
+    train: Dataset
+    val: Dataset
+    classes: list[str]
+
+
+def _normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    mean_t = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - mean_t) / std_t
+
+
+def digits(
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    seed: int,
+    val_fraction: float = 0.2,
+    classes: Sequence[int] | None = None,
+    max_train_samples: int | None = None,
+) -> Splits:
+    """scikit-learn's bundled digits (1,797 real 8x8 grey images, 10 classes), no download.
+
+    Split train/val stratified and deterministic for a seed, resized to `image_size` once,
+    expanded to 3 channels and normalized with the model's statistics.
+    `classes` keeps a subset of the digits (relabelled 0..k-1 in the given order);
+    `max_train_samples` keeps a stratified subset of the training split.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    require(0.0 < val_fraction < 1.0, f"data.dataset.val_fraction must be in (0, 1), got {val_fraction}")
+    bunch = load_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32) / 16.0
+    labels = torch.tensor(bunch.target, dtype=torch.long)
+    names = [str(c) for c in range(10)]
+    if classes is not None:
+        keep = [int(c) for c in classes]
+        require(
+            len(keep) > 1 and all(0 <= c <= 9 for c in keep) and len(set(keep)) == len(keep),
+            f"data.dataset.classes must list at least two different digits 0-9, got {list(classes)}",
+        )
+        mask = torch.isin(labels, torch.tensor(keep))
+        images, labels = images[mask], labels[mask]
+        remap = torch.full((10,), -1, dtype=torch.long)
+        remap[torch.tensor(keep)] = torch.arange(len(keep))
+        labels = remap[labels]
+        names = [str(c) for c in keep]
+    idx = torch.arange(len(labels)).numpy()
+    train_idx, val_idx = train_test_split(
+        idx, test_size=val_fraction, random_state=seed, stratify=labels.numpy()
+    )
+    if max_train_samples is not None and max_train_samples < len(train_idx):
+        require(max_train_samples >= len(names), f"data.dataset.max_train_samples must be at least the number of classes ({len(names)})")
+        train_idx, _ = train_test_split(
+            train_idx, train_size=max_train_samples, random_state=seed, stratify=labels.numpy()[train_idx]
+        )
+    x = F.interpolate(images.unsqueeze(1), size=(image_size, image_size), mode="bilinear", align_corners=False)
+    x = _normalize(x.expand(-1, 3, -1, -1), mean, std).contiguous()
+    train_idx, val_idx = torch.as_tensor(train_idx), torch.as_tensor(val_idx)
+    return Splits(TensorDataset(x[train_idx], labels[train_idx]), TensorDataset(x[val_idx], labels[val_idx]), names)
+
+
+def fake(
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    seed: int,
+    train_size: int = 256,
+    val_size: int = 64,
+    num_classes: int = 10,
+) -> Splits:
+    """torchvision's FakeData (random images, random labels), materialized once as tensors."""
+    from torchvision.datasets import FakeData
+    from torchvision.transforms.functional import pil_to_tensor
+
+    require(train_size > 0 and val_size > 0, "data.dataset.train_size and val_size must be positive")
+
+    def materialize(size: int, offset: int) -> TensorDataset:
+        ds = FakeData(size=size, image_size=(3, image_size, image_size), num_classes=num_classes, random_offset=offset)
+        images, labels = zip(*(ds[i] for i in range(size)))
+        x = torch.stack([pil_to_tensor(im) for im in images]).float() / 255.0
+        return TensorDataset(_normalize(x, mean, std), torch.tensor(labels, dtype=torch.long))
+
+    return Splits(materialize(train_size, seed), materialize(val_size, seed + train_size + 1), [str(c) for c in range(num_classes)])
+
+
+def _folder_transforms(image_size: int, mean, std, augment: bool):
+    from torchvision import transforms as T
+
+    if augment:
+        steps = [T.RandomResizedCrop(image_size, scale=(0.6, 1.0)), T.RandomHorizontalFlip()]
+    else:
+        steps = [T.Resize(image_size), T.CenterCrop(image_size)]
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
+
+
+def _check_image_root(root: str | None, key: str = "data.dataset.root") -> Path:
+    require(root is not None, f"{key} is required: give the folder that holds train/ and val/, e.g. {key}=/data/photos")
+    path = Path(os.path.expanduser(str(root)))
+    require(path.is_dir(), f"{key}={root}: no such folder (it must hold train/ and val/ with one sub-folder per class)")
+    for split in ("train", "val"):
+        require((path / split).is_dir(), f"{key}={root}: missing {split}/ (expected {path / split} with one sub-folder per class)")
+    return path
+
+
+def image_folder(
+    root: str | None,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    seed: int,
+    augment: bool = True,
+) -> Splits:
+    """Your own photos: `root/train/<class>/*.jpg` and `root/val/<class>/*.jpg` (torchvision ImageFolder)."""
+    from torchvision.datasets import ImageFolder
+
+    path = _check_image_root(root)
+    try:
+        train = ImageFolder(path / "train", transform=_folder_transforms(image_size, mean, std, augment))
+        val = ImageFolder(path / "val", transform=_folder_transforms(image_size, mean, std, False))
+    except FileNotFoundError as err:
+        raise ConfigError(f"data.dataset.root={root}: {err}") from None
+    require(
+        train.classes == val.classes,
+        f"data.dataset.root={root}: train/ and val/ must hold the same class folders "
+        f"(train: {train.classes}, val: {val.classes})",
+    )
+    return Splits(train, val, list(train.classes))
+
+
+def cifar10(
+    root: str,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    seed: int,
+    download: bool = False,
+    augment: bool = True,
+) -> Splits:
+    """CIFAR-10 from torchvision (50,000 + 10,000 32x32 images); `download=true` fetches it."""
+    from torchvision.datasets import CIFAR10
+
+    try:
+        train = CIFAR10(root, train=True, download=download, transform=_folder_transforms(image_size, mean, std, augment))
+        val = CIFAR10(root, train=False, download=download, transform=_folder_transforms(image_size, mean, std, False))
+    except RuntimeError as err:
+        raise ConfigError(
+            f"data.dataset.root={root}: {err} Put the extracted cifar-10-batches-py/ there, "
+            "or set data.dataset.download=true on a machine with a network."
+        ) from None
+    return Splits(train, val, list(train.classes))
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffles with a generator seeded by (seed, epoch), so a resumed run sees the same order."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool):
+        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.size)
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(self.size, generator=gen)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order().tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class TensorBatches:
+    """Batches of an in-memory TensorDataset by indexing: no per-item work, no workers needed."""
+
+    def __init__(self, dataset: TensorDataset, batch_size: int, sampler: EpochSampler, limit: int | None = None):
+        self.tensors, self.batch_size, self.sampler, self.limit = dataset.tensors, batch_size, sampler, limit
+
+    def __len__(self) -> int:
+        n = -(-self.sampler.size // self.batch_size)
+        return n if self.limit is None else min(n, self.limit)
+
+    def __iter__(self):
+        order = self.sampler.order()
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            yield tuple(t[idx] for t in self.tensors)
+
+
+class _LimitedLoader:
+    """A DataLoader cut to its first `limit` batches."""
+
+    def __init__(self, loader: DataLoader, limit: int | None):
+        self.loader, self.limit, self.sampler = loader, limit, loader.sampler
+
+    def __len__(self) -> int:
+        return len(self.loader) if self.limit is None else min(len(self.loader), self.limit)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if i >= len(self):
+                break
+            yield batch
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    num_workers: int | None = None,
+    pin_memory: bool = False,
+    limit_batches: int | None = None,
+):
+    """A loader with `sampler.set_epoch(epoch)`: TensorBatches for tensors, a DataLoader otherwise.
+
+    `num_workers=None` picks min(4, cores - 1) for file-backed sets.
+    """
+    require(batch_size > 0, f"data.batch_size must be a positive integer, got {batch_size}")
+    sampler = EpochSampler(len(dataset), seed, shuffle)
+    if isinstance(dataset, TensorDataset):
+        return TensorBatches(dataset, batch_size, sampler, limit_batches)
+    if num_workers is None:
+        num_workers = max(0, min(4, (os.cpu_count() or 1) - 1))
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )
+    return _LimitedLoader(loader, limit_batches)

@@ -1,0 +1,145 @@
+"""Build a classifier: a zoo model with its output layer replaced for the data set's classes.
+
+Config options name a torchvision (or timm) model; `hydra.utils.instantiate` calls the builders
+below with `num_classes` supplied by the run. Each built model carries `head_names`, the dotted
+names of the layers that were replaced (the main output layer last), which freezing relies on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from tunelab.errors import ConfigError, require
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Smallest square input each torchvision model accepts (the rest take 32 px).
+_MIN_SIZE = {"inception_v3": 75, "alexnet": 63}
+_DEFAULT_MIN_SIZE = 32
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the data needs to know about a model before it is built."""
+
+    min_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def input_spec(model_cfg: Mapping[str, Any]) -> InputSpec:
+    """The minimum input size and the normalization the model expects (its weights' when pretrained)."""
+    name = model_cfg["name"]
+    if model_cfg.get("pretrained"):
+        from torchvision.models import get_model_weights
+
+        transforms = get_model_weights(name).DEFAULT.transforms()
+        return InputSpec(_MIN_SIZE.get(name, _DEFAULT_MIN_SIZE), tuple(transforms.mean), tuple(transforms.std))
+    return InputSpec(_MIN_SIZE.get(name, _DEFAULT_MIN_SIZE), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def torchvision_model(name: str, num_classes: int, pretrained: bool = False, weights_path: str | None = None) -> nn.Module:
+    """A torchvision model (`torchvision.models.get_model`) with a new `num_classes` output layer.
+
+    `pretrained=True` asks torchvision for `weights="DEFAULT"` (from its cache, or downloaded);
+    `weights_path` loads a state dict from a file afterwards (see `load_weights`).
+    """
+    from torchvision import models as tvm
+
+    available = tvm.list_models(module=tvm)
+    require(name in available, f"model.name={name} is not a torchvision classification model; choose one of: {', '.join(available)}")
+    kwargs: dict[str, Any] = {}
+    if name in ("inception_v3", "googlenet"):
+        kwargs["aux_logits"] = True
+        if not pretrained:
+            kwargs["init_weights"] = True
+    try:
+        model = tvm.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError: offline with nothing cached
+        if not pretrained:
+            raise
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        raise ConfigError(
+            f"model.pretrained=true: torchvision's weights for {name} are not in {cache} and could not be "
+            f"downloaded ({err}). Copy the .pth file into {cache}, or download it elsewhere and pass "
+            f"model.weights_path=/path/to/file.pth with model.pretrained=false."
+        ) from None
+    model.head_names = replace_heads(model, num_classes)
+    if weights_path:
+        load_weights(model, weights_path)
+    return model
+
+
+def _output_layers(model: nn.Module) -> list[str]:
+    """Dotted names of the layers that produce class scores: the last Linear/Conv2d and its twins.
+
+    The main output layer is the last Linear or Conv2d registered (a ResNet's `fc`, VGG's
+    `classifier.6`, SqueezeNet's final 1x1 conv); auxiliary heads (Inception, GoogLeNet) are the
+    other layers of that type with the same number of outputs.
+    """
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    main_name, main = layers[-1]
+    out = main.out_features if isinstance(main, nn.Linear) else main.out_channels
+    twins = [
+        n for n, m in layers[:-1]
+        if type(m) is type(main) and (m.out_features if isinstance(m, nn.Linear) else m.out_channels) == out
+        and (isinstance(m, nn.Linear) or m.kernel_size == (1, 1))
+    ]
+    return [*twins, main_name]
+
+
+def replace_heads(model: nn.Module, num_classes: int) -> tuple[str, ...]:
+    """Replace every output layer (main and auxiliary) by a fresh one with `num_classes` outputs."""
+    require(num_classes >= 2, f"the data set must have at least 2 classes, got {num_classes}")
+    names = _output_layers(model)
+    for name in names:
+        old = model.get_submodule(name)
+        if isinstance(old, nn.Linear):
+            new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+        else:
+            new = nn.Conv2d(old.in_channels, num_classes, kernel_size=1)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+    return tuple(names)
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a state dict from `path` (`torch.load(weights_only=True)`) into `model`.
+
+    The output layers are loaded only when their shapes match (a tunelab checkpoint for the same
+    classes); a file made for other classes (ImageNet's 1000) leaves the new head as it is.
+    A tunelab checkpoint (a dict with a "model" entry) works too. Any other missing, unexpected or
+    mis-shaped key is an error naming the keys.
+    """
+    file = Path(str(path)).expanduser()
+    require(file.is_file(), f"model.weights_path={path}: no such file")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ConfigError(f"model.weights_path={path}: not a readable torch state dict ({err})") from None
+    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
+        state = state["model"]
+    require(isinstance(state, Mapping), f"model.weights_path={path}: expected a state dict, got {type(state).__name__}")
+    own = model.state_dict()
+    heads = tuple(f"{h}." for h in getattr(model, "head_names", ()))
+    skipped = [k for k in state if k.startswith(heads) and k in own and state[k].shape != own[k].shape]
+    state = {k: v for k, v in state.items() if k not in skipped}
+    missing = [k for k in own if k not in state and not k.startswith(heads)]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})" for k in state if k in own and state[k].shape != own[k].shape]
+    problems = []
+    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+        if keys:
+            shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+            problems.append(f"{label}: {shown}")
+    require(not problems, f"model.weights_path={path} does not fit {type(model).__name__}: " + "; ".join(problems))
+    model.load_state_dict(state, strict=False)
+    log.info("Loaded %d tensors from %s%s", len(state), file, f" (kept the new head; skipped {len(skipped)} head tensors)" if skipped else "")

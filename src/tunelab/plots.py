@@ -1,0 +1,33 @@
+"""Figures a person would rather look at than read: learning-rate curves."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def lr_curves(curves: Mapping[str, Sequence[float]], steps_per_epoch: int | None = None, title: str = "Learning rate"):
+    """One line per curve (a param group, or a scheduler in a preview), x = optimizer step."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5), constrained_layout=True)
+    longest = max((len(v) for v in curves.values()), default=0)
+    for name, values in curves.items():
+        ax.plot(range(len(values)), values, label=name, linewidth=1.6)
+    if steps_per_epoch and longest and longest / steps_per_epoch <= 60:
+        for boundary in range(steps_per_epoch, longest, steps_per_epoch):
+            ax.axvline(boundary, color="0.88", linewidth=0.8, zorder=0)
+    ax.set_xlabel("optimizer step" + (f" ({steps_per_epoch} per epoch)" if steps_per_epoch else ""))
+    ax.set_ylabel("learning rate")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if len(curves) > 1:
+        ax.legend(fontsize=8)
+    return fig

@@ -1,0 +1,174 @@
+"""Learning-rate schedules: torch's schedulers, stepped at the right moments, with warmup for any.
+
+The config names a torch scheduler (`_target_`, `_partial_: true`); `build` completes it with the
+optimizer and the lengths that depend on the run (`T_max`, `total_steps`, CyclicLR's step size,
+milestones in epochs), leaving every value the user set explicitly as it is. The keys tunelab adds
+(`interval`, `warmup_epochs`, `warmup_start_factor`, `monitor`) are removed before instantiation.
+
+Warmup: for the first `round(warmup_epochs * steps_per_epoch)` optimizer steps a LinearLR ramps the
+lr from `warmup_start_factor` times the scheduler's first lr up to that lr; then the chosen scheduler
+starts from its own step 0. Epoch-interval schedulers (and `plateau`) take their first step at the
+end of the first epoch in which they were active.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LinearLR, ReduceLROnPlateau
+
+from tunelab.errors import build, require
+
+log = logging.getLogger(__name__)
+
+#: Keys of a scheduler config that tunelab reads and torch does not take.
+TUNELAB_KEYS = ("interval", "warmup_epochs", "warmup_start_factor", "monitor")
+#: Metrics `monitor` may name (logged once per epoch).
+EPOCH_METRICS = ("val/loss", "val/acc", "train/loss", "train/acc")
+
+
+def step_decay(epoch: int, every: int = 30, factor: float = 0.1) -> float:
+    """The classic rule `lr = base_lr * 0.1 ** (epoch // 30)`, as a LambdaLR multiplier.
+
+    Any function of the epoch (or step) returning a multiplier of the base lr plugs in the same way:
+    `scheduler=lambda scheduler.lr_lambda._target_=mypackage.my_decay`.
+    """
+    return factor ** (epoch // every)
+
+
+def inverse_time(step: int, rate: float = 0.1) -> float:
+    """Inverse-time decay, `1 / (1 + rate * step)`: the default function of `scheduler=lambda`."""
+    return 1.0 / (1.0 + rate * step)
+
+
+def constant_factor(step: int, factor: float = 0.95) -> float:
+    """The same multiplier at every call: with MultiplicativeLR, lr *= factor each interval."""
+    return factor
+
+
+def _has_momentum(optimizer: Optimizer) -> bool:
+    return optimizer.defaults.get("momentum", 0) > 0
+
+
+def _fill_lengths(
+    kwargs: dict[str, Any], target: str, optimizer: Optimizer, units: int, steps_per_epoch: int, interval: str, max_epochs: int
+) -> dict[str, Any]:
+    """Complete the run-dependent lengths the user left null; explicit values win."""
+    name = target.rsplit(".", 1)[-1]
+    per_epoch = steps_per_epoch if interval == "step" else 1
+
+    def unset(key: str) -> bool:
+        return key in kwargs and kwargs[key] is None
+
+    if name == "CosineAnnealingLR" and unset("T_max"):
+        kwargs["T_max"] = units
+    if name == "OneCycleLR":
+        if unset("total_steps"):
+            kwargs["total_steps"] = units
+        if unset("max_lr"):
+            kwargs["max_lr"] = [g["lr"] for g in optimizer.param_groups]
+    if name == "CosineAnnealingWarmRestarts" and unset("T_0"):
+        kwargs["T_0"] = max(1, units // 3)
+    if name == "CyclicLR":
+        if unset("base_lr"):
+            kwargs["base_lr"] = [g["lr"] / 10 for g in optimizer.param_groups]
+        if unset("max_lr"):
+            kwargs["max_lr"] = [g["lr"] for g in optimizer.param_groups]
+        if unset("step_size_up"):
+            kwargs["step_size_up"] = max(1, units // 4)
+        if kwargs.get("cycle_momentum", True) and not _has_momentum(optimizer):
+            log.info("CyclicLR: %s has no momentum to cycle; cycle_momentum=false", type(optimizer).__name__)
+            kwargs["cycle_momentum"] = False
+    if name == "StepLR" and kwargs.get("step_size") is not None:
+        kwargs["step_size"] = max(1, int(round(kwargs["step_size"] * per_epoch)))
+    if name == "MultiStepLR":
+        if kwargs.get("milestones") is None:
+            kwargs["milestones"] = [max_epochs // 2, (3 * max_epochs) // 4]
+        kwargs["milestones"] = [int(round(m * per_epoch)) for m in kwargs["milestones"]]
+    return kwargs
+
+
+class Schedule:
+    """A torch scheduler with its calling contract and an optional linear warmup before it.
+
+    - `after_optimizer_step()`: call right after every `optimizer.step()`. Steps the warmup, then
+      (with `interval="step"`) the scheduler, once per optimizer step.
+    - `after_epoch(metrics)`: call after validation at the end of every epoch. Steps an
+      epoch-interval scheduler; `ReduceLROnPlateau` gets `metrics[monitor]`.
+    """
+
+    def __init__(self, optimizer, scheduler, interval: str, warmup_steps: int = 0, warmup_start_factor: float = 0.1, monitor: str | None = None):
+        self.optimizer, self.scheduler, self.interval, self.monitor = optimizer, scheduler, interval, monitor
+        self.warmup_steps = warmup_steps
+        self.warmup = LinearLR(optimizer, warmup_start_factor, 1.0, total_iters=warmup_steps) if warmup_steps else None
+        self.steps = 0
+
+    @property
+    def plateau(self) -> bool:
+        return isinstance(self.scheduler, ReduceLROnPlateau)
+
+    def after_optimizer_step(self) -> None:
+        self.steps += 1
+        if self.steps <= self.warmup_steps:
+            self.warmup.step()
+        elif self.interval == "step":
+            self.scheduler.step()
+
+    def after_epoch(self, metrics: Mapping[str, float]) -> None:
+        if self.interval != "epoch" or self.steps <= self.warmup_steps:
+            return
+        if self.plateau:
+            self.scheduler.step(metrics[self.monitor])
+        else:
+            self.scheduler.step()
+
+    def state_dict(self) -> dict:
+        return {
+            "steps": self.steps,
+            "scheduler": self.scheduler.state_dict(),
+            "warmup": self.warmup.state_dict() if self.warmup else None,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.steps = state["steps"]
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.warmup is not None:
+            self.warmup.load_state_dict(state["warmup"])
+
+
+def warmup_steps(warmup_epochs: float, steps_per_epoch: int) -> int:
+    """Optimizer steps of warmup: `round(warmup_epochs * steps_per_epoch)`."""
+    return int(round(warmup_epochs * steps_per_epoch))
+
+
+def build_schedule(cfg: DictConfig, optimizer: Optimizer, steps_per_epoch: int, max_epochs: int) -> Schedule:
+    """Build the configured scheduler on `optimizer` for a run of `max_epochs` x `steps_per_epoch`."""
+    target = cfg.get("_target_", "")
+    interval = cfg.get("interval", "step")
+    plateau = target.endswith("ReduceLROnPlateau")
+    if plateau:
+        interval = "epoch"
+    require(interval in ("step", "epoch"), f"scheduler.interval must be 'step' or 'epoch', got {interval!r}")
+    warmup_epochs = cfg.get("warmup_epochs", 0) or 0
+    start_factor = cfg.get("warmup_start_factor", 0.1)
+    require(isinstance(warmup_epochs, (int, float)) and warmup_epochs >= 0, f"scheduler.warmup_epochs must be a number >= 0, got {warmup_epochs!r}")
+    require(0 < start_factor <= 1, f"scheduler.warmup_start_factor must be in (0, 1], got {start_factor}")
+    require(
+        warmup_epochs < max_epochs,
+        f"scheduler.warmup_epochs={warmup_epochs} must be shorter than the run (trainer.max_epochs={max_epochs})",
+    )
+    monitor = cfg.get("monitor")
+    if plateau:
+        require(monitor in EPOCH_METRICS, f"scheduler.monitor={monitor} is never logged; use one of {', '.join(EPOCH_METRICS)}")
+    total = steps_per_epoch * max_epochs
+    w = warmup_steps(warmup_epochs, steps_per_epoch)
+    units = total - w if interval == "step" else max_epochs - w // steps_per_epoch
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in TUNELAB_KEYS and not k.startswith("_")}
+    kwargs = _fill_lengths(kwargs, target, optimizer, max(1, units), steps_per_epoch, interval, max_epochs)
+    log.info("Instantiating scheduler <%s> (interval=%s, warmup %d steps)", target, interval, w)
+    scheduler = build(OmegaConf.create({"_target_": target, **kwargs}), "scheduler", optimizer=optimizer)
+    return Schedule(optimizer, scheduler, interval, w, start_factor, monitor)

@@ -1,0 +1,248 @@
+"""Everything MLflow: the run's life cycle, batched metrics, params, tags, artifacts, the model.
+
+The loop talks to a small logger object (`MlflowLogger`, or `NullLogger` for `logger=none`), so it
+runs the same with tracking off and tests point it at a temporary sqlite file. Per-step metrics are
+buffered and sent in batches (`MlflowClient.log_batch`) by a background thread with a bounded queue:
+the training step never waits on the tracking store; `flush()` hands over what is buffered and
+`finish()` waits until every batch has arrived before it sets the run's final status.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from tunelab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+#: MLflow refuses param values longer than this many characters.
+_PARAM_VALUE_LIMIT = 6000
+#: MLflow accepts at most this many metrics in one log_batch call.
+_BATCH_LIMIT = 1000
+#: Tags MLflow's UI reads: open in the classic (not GenAI) view, and group child runs under a parent.
+EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
+PARENT_RUN_TAG = "mlflow.parentRunId"
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'optimizer': {'lr': 0.1}} -> {'optimizer.lr': 0.1}; lists stay whole values."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def resolve_tracking_uri(configured: str | None) -> str:
+    """MLFLOW_TRACKING_URI when set, else the configured URI; makes a sqlite file's folder."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured or "sqlite:///outputs/mlflow.db"
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///") :]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """For a sqlite store, artifacts go beside the database (outputs/mlartifacts/NAME), not into
+    ./mlruns of whatever directory a process happens to run in; a server decides for itself."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///") :]).expanduser().resolve().parent / "mlartifacts" / experiment).as_uri()
+
+
+def get_or_create_experiment(client, name: str) -> str:
+    """The experiment's id, creating it (tagged for MLflow's classic training view) if needed."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            location = artifact_location(client.tracking_uri, name)
+            return client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND_TAG]))
+        except Exception:  # another process of a parallel sweep created it first
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.tags.get(EXPERIMENT_KIND_TAG[0]) != EXPERIMENT_KIND_TAG[1]:
+        client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND_TAG)
+    return experiment.experiment_id
+
+
+class _BatchSender(threading.Thread):
+    """Sends metric batches in order from a bounded queue, retrying each a few times."""
+
+    def __init__(self, client, run_id: str, max_pending: int = 64, retries: int = 3):
+        super().__init__(name="tunelab-mlflow", daemon=True)
+        self.client, self.run_id, self.retries = client, run_id, retries
+        self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        while True:
+            batch = self.queue.get()
+            try:
+                if batch is None:
+                    return
+                self._send(batch)
+            except Exception as err:  # reported by close(), never swallowed
+                self.error = self.error or err
+            finally:
+                self.queue.task_done()
+
+    def _send(self, batch: list) -> None:
+        for attempt in range(self.retries + 1):
+            try:
+                self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+                return
+            except Exception as err:
+                if attempt == self.retries:
+                    raise
+                log.warning("MLflow log_batch failed (%s); retrying", err)
+                time.sleep(0.5 * 2**attempt)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.join()
+
+
+class NullLogger:
+    """Tracking off: every call does nothing, so the loop needs no `if logger` checks."""
+
+    run_id: str | None = None
+    log_model_enabled = False
+
+    def start(self, params: Mapping[str, Any], tags: Mapping[str, str], config_yaml: str) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def log_figure(self, figure, name: str) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path) -> None:
+        pass
+
+    def log_model(self, model, input_example) -> None:
+        pass
+
+    def finish(self, status: str) -> None:
+        pass
+
+
+class MlflowLogger(NullLogger):
+    """One MLflow run: `start`, then `log_metrics`/`flush` per step/epoch, then `finish(status)`."""
+
+    def __init__(self, tracking_uri: str | None, experiment_name: str, run_name: str | None = None, log_model: bool = True):
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
+        self.run_name = run_name
+        self.log_model_enabled = log_model
+        self.run_id = None
+        self._client = None
+        self._sender: _BatchSender | None = None
+        self._pending: list = []
+
+    def start(self, params: Mapping[str, Any], tags: Mapping[str, str], config_yaml: str) -> None:
+        """Open the run (tags, flattened params in one call, config.yaml); fails fast on a bad URI."""
+        import mlflow
+        from mlflow import MlflowClient
+
+        uri = resolve_tracking_uri(self.tracking_uri)
+        self._client = MlflowClient(uri)
+        try:
+            experiment_id = get_or_create_experiment(self._client, self.experiment_name)
+        except Exception as err:
+            raise ConfigError(f"logger.tracking_uri={uri}: cannot reach the MLflow tracking store ({err})") from None
+        run = self._client.create_run(experiment_id, tags=dict(tags), run_name=self.run_name)
+        self.run_id = run.info.run_id
+        mlflow.set_tracking_uri(uri)
+        values = {k: str(v)[:_PARAM_VALUE_LIMIT] for k, v in params.items()}
+        from mlflow.entities import Param
+
+        self._client.log_batch(self.run_id, params=[Param(k, v) for k, v in values.items()])
+        self._client.log_text(self.run_id, config_yaml, "config.yaml")
+        self._sender = _BatchSender(self._client, self.run_id)
+        self._sender.start()
+        log.info("MLflow run %s in experiment '%s' at %s", self.run_id, self.experiment_name, uri)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Buffer metrics for one step; they are sent at the next flush (no I/O here)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._pending.extend(Metric(key, float(value), now, step) for key, value in metrics.items())
+
+    def flush(self) -> None:
+        """Hand buffered metrics to the sender thread (blocks only when its queue is full)."""
+        while self._pending:
+            batch, self._pending = self._pending[:_BATCH_LIMIT], self._pending[_BATCH_LIMIT:]
+            self._sender.queue.put(batch)
+
+    def log_figure(self, figure, name: str) -> None:
+        self._client.log_figure(self.run_id, figure, name)
+
+    def log_artifact(self, path: str | Path) -> None:
+        self._client.log_artifact(self.run_id, str(path))
+
+    def log_model(self, model, input_example) -> None:
+        """`mlflow.pytorch.log_model(name="model")` with explicit pip requirements (no slow inference).
+
+        MLflow's safe `pt2` format (torch.export, traced on `input_example`, which should hold at
+        least two images so the batch size stays dynamic) is tried first; a model torch.export cannot
+        trace is saved in the pickle format instead, with a warning.
+        """
+        import mlflow
+        import mlflow.pytorch
+
+        with mlflow.start_run(run_id=self.run_id):
+            for fmt in ("pt2", "pickle"):
+                try:
+                    mlflow.pytorch.log_model(
+                        model,
+                        name="model",
+                        input_example=input_example,
+                        pip_requirements=pip_requirements(),
+                        serialization_format=fmt,
+                    )
+                    return
+                except Exception as err:
+                    if fmt == "pickle":
+                        raise
+                    log.warning("torch.export could not trace the model (%s); logging it in the pickle format", str(err).splitlines()[0][:200])
+
+    def finish(self, status: str) -> None:
+        """Send everything still buffered, then set FINISHED, FAILED or KILLED."""
+        if self.run_id is None:
+            return
+        error = None
+        try:
+            self.flush()
+            self._sender.close()
+            error = self._sender.error
+        finally:
+            self._client.set_terminated(self.run_id, status)
+        if error is not None:
+            raise RuntimeError(f"MLflow could not store some metrics of run {self.run_id}: {error}")
+
+
+def pip_requirements() -> list[str]:
+    """The packages a logged model needs, pinned to the versions installed here."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for package in ("torch", "torchvision", "timm", "mlflow"):
+        try:
+            pins.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            continue
+    return pins
