@@ -9,6 +9,7 @@ Python work; file-backed sets go through a torch DataLoader with workers.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,3 +264,32 @@ def make_loader(
         persistent_workers=num_workers > 0,
     )
     return _LimitedLoader(loader, limit_batches)
+
+
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
+
+
+def train_size(dataset_cfg) -> int | None:
+    """Number of training images a data option will yield, without loading any image.
+
+    Used where only the schedule's length matters (the LR preview); None when it cannot be known.
+    """
+    target = dataset_cfg.get("_target_", "")
+    if target == "tunelab.data.digits":
+        from sklearn.datasets import load_digits
+
+        labels = load_digits().target
+        classes = dataset_cfg.get("classes")
+        n = int(sum(1 for y in labels if classes is None or int(y) in {int(c) for c in classes}))
+        n_train = n - math.ceil(dataset_cfg.get("val_fraction", 0.2) * n)
+        cap = dataset_cfg.get("max_train_samples")
+        return n_train if cap is None else min(n_train, cap)
+    if target == "tunelab.data.fake":
+        return int(dataset_cfg.get("train_size", 256))
+    if target == "tunelab.data.cifar10":
+        return 50_000
+    if target == "tunelab.data.image_folder" and dataset_cfg.get("root"):
+        root = Path(os.path.expanduser(str(dataset_cfg.root))) / "train"
+        if root.is_dir():
+            return sum(1 for p in root.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
+    return None

@@ -195,7 +195,8 @@ def param_groups(plan: FreezePlan, lr: float, layer_decay: float | None = None) 
     """Optimizer param groups of the trainable stages only, each with a stable `name`.
 
     Without layer decay: one group "all". With `layer_decay=g`: one group per trainable stage, the
-    head at `lr` and each stage k steps before it at `lr * g**k`.
+    head first at `lr` (so the `lr` metric, group 0, is the head's) and each stage k steps before
+    it at `lr * g**k`.
     """
     trainable = [s for s in plan.trainable_stages if s.params]
     require(trainable, "freeze: no trainable parameters left")
@@ -206,5 +207,5 @@ def param_groups(plan: FreezePlan, lr: float, layer_decay: float | None = None) 
     index = {id(s): i for i, s in enumerate(plan.stages)}
     return [
         {"name": s.name, "params": list(s.params.values()), "lr": lr * layer_decay ** (last - index[id(s)])}
-        for s in trainable
+        for s in reversed(trainable)
     ]

@@ -19,8 +19,9 @@ def lr_curves(curves: Mapping[str, Sequence[float]], steps_per_epoch: int | None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5), constrained_layout=True)
     longest = max((len(v) for v in curves.values()), default=0)
-    for name, values in curves.items():
-        ax.plot(range(len(values)), values, label=name, linewidth=1.6)
+    colors = plt.cm.tab20.colors if len(curves) > 10 else plt.cm.tab10.colors
+    for (name, values), color in zip(curves.items(), colors * (len(curves) // len(colors) + 1)):
+        ax.plot(range(len(values)), values, label=name, linewidth=1.6, color=color)
     if steps_per_epoch and longest and longest / steps_per_epoch <= 60:
         for boundary in range(steps_per_epoch, longest, steps_per_epoch):
             ax.axvline(boundary, color="0.88", linewidth=0.8, zorder=0)

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LinearLR, ReduceLROnPlateau
 
-from tunelab.errors import build, require
+from tunelab.errors import ConfigError, build, require
 
 log = logging.getLogger(__name__)
 
@@ -164,11 +164,23 @@ def build_schedule(cfg: DictConfig, optimizer: Optimizer, steps_per_epoch: int, 
     monitor = cfg.get("monitor")
     if plateau:
         require(monitor in EPOCH_METRICS, f"scheduler.monitor={monitor} is never logged; use one of {', '.join(EPOCH_METRICS)}")
+        mode = cfg.get("mode", "min")
+        require(
+            mode == ("max" if monitor.endswith("acc") else "min"),
+            f"scheduler.mode={mode} does not fit scheduler.monitor={monitor}: use mode=max for an accuracy, min for a loss",
+        )
     total = steps_per_epoch * max_epochs
     w = warmup_steps(warmup_epochs, steps_per_epoch)
     units = total - w if interval == "step" else max_epochs - w // steps_per_epoch
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in TUNELAB_KEYS and not k.startswith("_")}
+    try:
+        container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except Exception as err:  # ??? left in a config, or a broken interpolation
+        raise ConfigError(f"scheduler: {err}".splitlines()[0]) from None
+    kwargs = {k: v for k, v in container.items() if k not in TUNELAB_KEYS and not k.startswith("_")}
     kwargs = _fill_lengths(kwargs, target, optimizer, max(1, units), steps_per_epoch, interval, max_epochs)
+    for key, value in kwargs.items():
+        require(value is not None, f"scheduler.{key} needs a value for {target.rsplit('.', 1)[-1]}: set scheduler.{key}=...")
     log.info("Instantiating scheduler <%s> (interval=%s, warmup %d steps)", target, interval, w)
-    scheduler = build(OmegaConf.create({"_target_": target, **kwargs}), "scheduler", optimizer=optimizer)
+    node = OmegaConf.create({"_target_": target, "_convert_": "all", **kwargs})
+    scheduler = build(node, "scheduler", optimizer=optimizer)
     return Schedule(optimizer, scheduler, interval, w, start_factor, monitor)
