@@ -34,3 +34,10 @@ def test_defaults_name_every_group():
     assert cfg.data.dataset._target_ == "tunelab.data.digits"
     assert cfg.model.name == "resnet18"
     assert cfg.optimizer._partial_ and cfg.scheduler._partial_
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_experiments_compose(experiment):
+    cfg = compose_config([f"+experiment={experiment}"])
+    assert cfg.logger.experiment_name == "transfer"
+    assert list(cfg.data.dataset.classes) in ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9])

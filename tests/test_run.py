@@ -102,7 +102,7 @@ def test_feature_extraction_trains_only_the_head(small_cfg, tracking_uri, monkey
         return history
 
     monkeypatch.setattr(run, "fit", spy)
-    run.train(small_cfg("freeze=head"))
+    run.train(small_cfg("freeze=head", "freeze.cache_features=false"))
     assert seen["optimized"] == 512 * 10 + 10
     changed = {n for n, p in seen["after"].items() if not torch.equal(p.detach(), seen["before"][n])}
     assert changed == {"fc.weight", "fc.bias"}

@@ -65,26 +65,21 @@ def _span_name(first: str, last: str) -> str:
     return f"{head_a}.{tail_a}-{tail_b}" if head_a and head_a == head_b else f"{first}-{last}"
 
 
-def stages(model: nn.Module) -> list[Stage]:
-    """The model's stages from the stem to `head` (see the module docstring for the rule)."""
-    heads = tuple(getattr(model, "head_names", ()))
-    require(heads, f"{type(model).__name__} has no replaced output layer (build it with tunelab.models)")
+def _structural_body(model: nn.Module, heads: tuple[str, ...]) -> list[tuple[str, list[str]]]:
+    """Stages of a torchvision-style model from its children, by the rule in the module docstring."""
     head_prefixes = tuple(f"{h}." for h in heads)
 
-    def own_params(path: str, module: nn.Module) -> dict[str, nn.Parameter]:
-        named = ((f"{path}.{n}", p) for n, p in module.named_parameters())
-        return {n: p for n, p in named if not n.startswith(head_prefixes)}
-
-    def norms(path: str, module: nn.Module) -> list[_BatchNorm]:
-        return [m for n, m in module.named_modules() if isinstance(m, _BatchNorm) and not f"{path}.{n}".startswith(head_prefixes)]
+    def own(path: str, module: nn.Module) -> list[str]:
+        names = (f"{path}.{n}" for n, _ in module.named_parameters())
+        return [n for n in names if not n.startswith(head_prefixes)]
 
     groups: list[list[tuple[str, nn.Module]]] = []
     current: list[tuple[str, nn.Module]] = []
-    classifier: list[tuple[str, nn.Module]] = []
+    classifier: list[str] = []
 
     def close() -> None:
         nonlocal current
-        if current:
+        if any(own(p, u) for p, u in current):
             groups.append(current)
         current = []
 
@@ -92,43 +87,84 @@ def stages(model: nn.Module) -> list[Stage]:
         if path in heads:
             continue
         if path in _CLASSIFIERS:
-            if own_params(path, unit):
-                classifier.append((path, unit))
+            classifier.extend(own(path, unit))
             continue
-        if _strided(unit, (nn.Conv2d,)) and any(own_params(p, u) for p, u in current):
+        if _strided(unit, (nn.Conv2d,)) and any(own(p, u) for p, u in current):
             close()
         current.append((path, unit))
         if not _strided(unit, (nn.Conv2d,)) and _strided(unit, _POOLS):
             close()
     close()
-    groups = [g for g in groups if any(own_params(p, u) for p, u in g)]
 
-    result = []
+    body = []
     for i, group in enumerate(groups):
-        named = [path for path, unit in group if own_params(path, unit)]
-        name = "stem" if i == 0 else _span_name(named[0], named[-1])
-        stage = Stage(name)
-        for path, unit in group:
-            stage.params.update(own_params(path, unit))
-            stage.norms.extend(norms(path, unit))
-        result.append(stage)
+        paths = [p for p, u in group if own(p, u)]
+        name = "stem" if i == 0 else _span_name(paths[0], paths[-1])
+        body.append((name, [n for p, u in group for n in own(p, u)]))
     if classifier:
-        stage = Stage("classifier")
-        for path, unit in classifier:
-            stage.params.update(own_params(path, unit))
-            stage.norms.extend(norms(path, unit))
-        result.append(stage)
+        body.append(("classifier", classifier))
+    return body
+
+
+def _common_prefix(names: list[str]) -> str:
+    parts = [n.split(".")[:-1] for n in names]
+    prefix = []
+    for column in zip(*parts):
+        if len(set(column)) > 1:
+            break
+        prefix.append(column[0])
+    return ".".join(prefix)
+
+
+def _main_prefix(names: list[str]) -> str:
+    """The first two dotted parts most names share ("blocks.11" for a last block plus a final norm)."""
+    from collections import Counter
+
+    return Counter(".".join(n.split(".")[:2]) for n in names).most_common(1)[0][0]
+
+
+def _timm_body(model: nn.Module, heads: tuple[str, ...]) -> list[tuple[str, list[str]]]:
+    """Stages of a timm model: its own coarse parameter grouping (the one timm's layer decay uses)."""
+    from timm.models import group_parameters
+
+    head_prefixes = tuple(f"{h}." for h in heads)
+    groups = list(group_parameters(model, model.group_matcher(coarse=True)).values())
+    body = []
+    for i, names in enumerate(groups):
+        names = [n for n in names if not n.startswith(head_prefixes)]
+        if not names:
+            continue
+        if not body:
+            name = "stem"
+        elif i == len(groups) - 1:
+            name = "neck"
+        else:
+            name = _common_prefix(names) or _main_prefix(names)
+        body.append((name, names))
+    return body
+
+
+def stages(model: nn.Module) -> list[Stage]:
+    """The model's stages from the stem to `head` (see the module docstring for the rule)."""
+    heads = tuple(getattr(model, "head_names", ()))
+    require(heads, f"{type(model).__name__} has no replaced output layer (build it with tunelab.models)")
+    is_timm = hasattr(model, "group_matcher") and hasattr(model, "pretrained_cfg")
+    body = _timm_body(model, heads) if is_timm else _structural_body(model, heads)
+    named = dict(model.named_parameters())
+    result = [Stage(name, {n: named[n] for n in names}) for name, names in body]
     head = Stage("head")
     for name in heads:
-        module = model.get_submodule(name)
-        head.params.update({f"{name}.{n}": p for n, p in module.named_parameters()})
+        head.params.update({f"{name}.{n}": p for n, p in model.get_submodule(name).named_parameters()})
     result.append(head)
 
-    covered = {id(p) for s in result for p in s.params.values()}
-    leftover = [n for n, p in model.named_parameters() if id(p) not in covered]
+    covered = {n for s in result for n in s.params}
+    leftover = [n for n in named if n not in covered]
     if leftover:  # parameters outside the walked children (rare): they belong to the stem
-        named = dict(model.named_parameters())
         result[0].params.update({n: named[n] for n in leftover})
+    owner = {n: s for s in result for n in s.params}
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchNorm) and f"{name}.weight" in owner:
+            owner[f"{name}.weight"].norms.append(module)
     return result
 
 
@@ -180,6 +216,74 @@ def freeze(model: nn.Module, depth: int, bn: str = "eval") -> FreezePlan:
         for p in stage.params.values():
             p.requires_grad_(i >= frozen)
     return FreezePlan(plan_stages, frozen, bn)
+
+
+def unfreeze_next(plan: FreezePlan) -> Stage | None:
+    """Gradual unfreezing: make the frozen stage nearest the head trainable; None when none is left."""
+    if plan.frozen == 0:
+        return None
+    plan.frozen -= 1
+    stage = plan.stages[plan.frozen]
+    for p in stage.params.values():
+        p.requires_grad_(True)
+    return stage
+
+
+def lr_scale(plan: FreezePlan, stage: Stage, layer_decay: float | None) -> float:
+    """The multiplier of a stage's lr: `layer_decay ** (stages between it and the head)`, or 1."""
+    if layer_decay is None:
+        return 1.0
+    return layer_decay ** (len(plan.stages) - 1 - plan.stages.index(stage))
+
+
+def feature_cache_blocker(model: nn.Module, plan: FreezePlan, deterministic_data: bool, unfreeze_every: int) -> str | None:
+    """Why the backbone's outputs cannot be computed once and reused, or None when they can.
+
+    Valid only when nothing but the single output layer trains, nothing before it changes from
+    one pass to the next (frozen BatchNorm in eval mode, no active dropout) and every image is the
+    same each epoch (no random augmentation).
+    """
+    heads = getattr(model, "head_names", ())
+    if plan.frozen != len(plan.stages) - 1:
+        return "stages other than the head train"
+    if unfreeze_every:
+        return "gradual unfreezing changes the backbone"
+    if len(heads) != 1:
+        return "the model has auxiliary heads"
+    if plan.bn != "eval" and any(s.norms for s in plan.stages[:-1]):
+        return "freeze.bn=train updates BatchNorm statistics"
+    head_prefix = f"{heads[0]}."
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0 and not name.startswith(head_prefix):
+            return f"dropout before the head ({name}) makes the features random"
+    if not deterministic_data:
+        return "random augmentation changes the images each epoch"
+    return None
+
+
+def head_inputs(model: nn.Module, dataset, device, batch_size: int = 256):
+    """The inputs of the model's output layer for every item of `dataset`, computed once in eval mode.
+
+    Returns a TensorDataset (features on the CPU, labels) that the head alone can train on.
+    """
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    head = model.get_submodule(model.head_names[0])
+    captured: list = []
+    hook = head.register_forward_hook(lambda module, args, output: captured.append(args[0].detach().cpu()))
+    labels = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for x, y in DataLoader(dataset, batch_size=batch_size):
+                model(x.to(device))
+                labels.append(torch.as_tensor(y))
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return TensorDataset(torch.cat(captured), torch.cat(labels))
 
 
 def train_mode(model: nn.Module, plan: FreezePlan) -> None:

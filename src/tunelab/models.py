@@ -23,6 +23,17 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Smallest square input each torchvision model accepts (the rest take 32 px).
 _MIN_SIZE = {"inception_v3": 75, "alexnet": 63}
+#: Inception v3's auxiliary head pools a 17x17 map: with it the model needs 299 px inputs.
+_INCEPTION_AUX_MIN_SIZE = 299
+#: Models with auxiliary heads (used in training only), switched by `aux_logits`.
+_AUX_MODELS = ("inception_v3", "googlenet")
+
+
+def _min_size(model_cfg: Mapping[str, Any]) -> int:
+    name = model_cfg["name"]
+    if name == "inception_v3" and model_cfg.get("aux_logits"):
+        return _INCEPTION_AUX_MIN_SIZE
+    return _MIN_SIZE.get(name, _DEFAULT_MIN_SIZE)
 _DEFAULT_MIN_SIZE = 32
 
 
@@ -38,27 +49,36 @@ class InputSpec:
 def input_spec(model_cfg: Mapping[str, Any]) -> InputSpec:
     """The minimum input size and the normalization the model expects (its weights' when pretrained)."""
     name = model_cfg["name"]
+    if model_cfg.get("_target_") == "tunelab.models.timm_model":
+        cfg = _timm_pretrained_cfg(name)
+        size = cfg.get("input_size", (3, 224, 224))[-1] if cfg.get("fixed_input_size") else _DEFAULT_MIN_SIZE
+        if model_cfg.get("pretrained"):
+            return InputSpec(size, tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)))
+        return InputSpec(size, IMAGENET_MEAN, IMAGENET_STD)
     if model_cfg.get("pretrained"):
         from torchvision.models import get_model_weights
 
         transforms = get_model_weights(name).DEFAULT.transforms()
-        return InputSpec(_MIN_SIZE.get(name, _DEFAULT_MIN_SIZE), tuple(transforms.mean), tuple(transforms.std))
-    return InputSpec(_MIN_SIZE.get(name, _DEFAULT_MIN_SIZE), IMAGENET_MEAN, IMAGENET_STD)
+        return InputSpec(_min_size(model_cfg), tuple(transforms.mean), tuple(transforms.std))
+    return InputSpec(_min_size(model_cfg), IMAGENET_MEAN, IMAGENET_STD)
 
 
-def torchvision_model(name: str, num_classes: int, pretrained: bool = False, weights_path: str | None = None) -> nn.Module:
+def torchvision_model(
+    name: str, num_classes: int, pretrained: bool = False, weights_path: str | None = None, aux_logits: bool | None = None
+) -> nn.Module:
     """A torchvision model (`torchvision.models.get_model`) with a new `num_classes` output layer.
 
     `pretrained=True` asks torchvision for `weights="DEFAULT"` (from its cache, or downloaded);
-    `weights_path` loads a state dict from a file afterwards (see `load_weights`).
+    `weights_path` loads a state dict from a file afterwards (see `load_weights`). `aux_logits`
+    keeps (True) or drops (False) the auxiliary heads of Inception v3 and GoogLeNet.
     """
     from torchvision import models as tvm
 
     available = tvm.list_models(module=tvm)
     require(name in available, f"model.name={name} is not a torchvision classification model; choose one of: {', '.join(available)}")
     kwargs: dict[str, Any] = {}
-    if name in ("inception_v3", "googlenet"):
-        kwargs["aux_logits"] = True
+    if name in _AUX_MODELS:
+        kwargs["aux_logits"] = True if aux_logits is None else bool(aux_logits)
         if not pretrained:
             kwargs["init_weights"] = True
     try:
@@ -73,6 +93,51 @@ def torchvision_model(name: str, num_classes: int, pretrained: bool = False, wei
             f"model.weights_path=/path/to/file.pth with model.pretrained=false."
         ) from None
     model.head_names = replace_heads(model, num_classes)
+    if weights_path:
+        load_weights(model, weights_path)
+    return model
+
+
+def _timm_pretrained_cfg(name: str) -> dict:
+    """timm's default pretrained config of a model name (no weights fetched); checks the name."""
+    import timm
+
+    require(isinstance(name, str) and name, "model.name must name a timm model, e.g. model.name=resnet18")
+    if not timm.is_model(name.split(".")[0]):
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; list them with python -c 'import timm; print(timm.list_models())'"
+        raise ConfigError(f"model.name={name} is not a timm model{hint}")
+    cfg = timm.models.get_pretrained_cfg(name)
+    return cfg.to_dict() if cfg is not None else {}
+
+
+def timm_model(name: str, num_classes: int, pretrained: bool = False, weights_path: str | None = None) -> nn.Module:
+    """Any timm model (`timm.create_model`), its classifier reset to `num_classes` outputs.
+
+    `pretrained=True` asks timm for its default weights (the Hugging Face cache, or downloaded).
+    """
+    import timm
+
+    _timm_pretrained_cfg(name)
+    try:
+        model = timm.create_model(name, pretrained=pretrained)
+    except Exception as err:
+        if not pretrained:
+            raise
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        raise ConfigError(
+            f"model.pretrained=true: timm's weights for {name} are not in the Hugging Face cache {HF_HUB_CACHE} "
+            f"and could not be downloaded ({str(err).splitlines()[0][:200]}). Copy them there (HF_HOME moves it), "
+            f"or download the state dict elsewhere and pass model.weights_path=/path/to/file with model.pretrained=false."
+        ) from None
+    model.reset_classifier(num_classes)
+    head = model.get_classifier()
+    names = [n for n, m in model.named_modules() if m is head]
+    require(bool(names) and any(True for _ in head.parameters()), f"timm model {name} has no classifier layer to replace")
+    model.head_names = (names[0],)
     if weights_path:
         load_weights(model, weights_path)
     return model
@@ -133,7 +198,9 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     skipped = [k for k in state if k.startswith(heads) and k in own and state[k].shape != own[k].shape]
     state = {k: v for k, v in state.items() if k not in skipped}
     missing = [k for k in own if k not in state and not k.startswith(heads)]
-    unexpected = [k for k in state if k not in own]
+    # keys of an auxiliary head this model was built without (torchvision sets it to None)
+    unexpected = [k for k in state if k not in own and getattr(model, k.split(".")[0], model) is not None]
+    state = {k: v for k, v in state.items() if k in own}
     mismatched = [f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})" for k in state if k in own and state[k].shape != own[k].shape]
     problems = []
     for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):

@@ -133,7 +133,8 @@ def train(cfg: DictConfig) -> float:
     log.info("Stages of %s:\n%s", cfg.model.name, plan.table())
     model.to(device)
 
-    groups = freezing.param_groups(plan, cfg.optimizer.lr, cfg.optimizer.get("layer_decay"))
+    layer_decay = cfg.optimizer.get("layer_decay")
+    groups = freezing.param_groups(plan, cfg.optimizer.lr, layer_decay)
     log.info("Instantiating optimizer <%s>", cfg.optimizer._target_)
     optimizer = build(_without(cfg.optimizer, "layer_decay"), "optimizer")(groups)
     accumulate = cfg.trainer.accumulate_grad_batches
@@ -142,21 +143,43 @@ def train(cfg: DictConfig) -> float:
     log.info("Instantiating loss <%s>", cfg.loss._target_)
     loss_fn = build(cfg.loss, "loss")
 
+    trained, fit_train, fit_val = model, train_loader, val_loader
+    if cfg.freeze.cache_features:
+        blocker = freezing.feature_cache_blocker(model, plan, _deterministic(splits, cfg.data), cfg.freeze.unfreeze_every)
+        if blocker is None:
+            log.info("Computing the frozen backbone's features once (freeze.cache_features)")
+            trained = model.get_submodule(model.head_names[0])
+            cached = [freezing.head_inputs(model, ds, device) for ds in (splits.train, splits.val)]
+            fit_train = data_lib.make_loader(cached[0], shuffle=True, limit_batches=cfg.trainer.limit_train_batches, **loader_args)
+            fit_val = data_lib.make_loader(cached[1], shuffle=False, limit_batches=cfg.trainer.limit_val_batches, **loader_args)
+        elif plan.frozen == len(plan.stages) - 1:
+            log.info("Features are not cached: %s", blocker)
+
+    def unfreeze(epoch: int) -> None:
+        every = cfg.freeze.unfreeze_every
+        if every and epoch > 0 and epoch % every == 0:
+            stage = freezing.unfreeze_next(plan)
+            if stage is not None:
+                schedule.add_param_group(stage.name, list(stage.params.values()), freezing.lr_scale(plan, stage, layer_decay))
+                log.info("Epoch %d: unfroze %s (%d parameters); trainable now %d", epoch + 1, stage.name, stage.numel, plan.trainable_params())
+
     log.info("Instantiating logger <%s>", cfg.logger._target_)
     logger = build(cfg.logger, "logger")
     params = {**flat_config(cfg), "freeze.frozen_stages": ",".join(plan.frozen_names) or "(none)"}
-    logger.start(params, run_tags(cfg), OmegaConf.to_yaml(cfg, resolve=True))
+    logger.start(params, run_tags(cfg))
+    logger.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    logger.log_text(plan.table() + "\n", "stages.txt")
     history = History()
     status = "FAILED"
     try:
         with _sigterm_as_exception():
             fit(
-                model, train_loader, val_loader, optimizer, schedule, loss_fn, logger,
+                trained, fit_train, fit_val, optimizer, schedule, loss_fn, logger,
                 max_epochs=cfg.trainer.max_epochs, device=device, accumulate=accumulate,
                 precision=str(cfg.trainer.precision), progress=cfg.trainer.progress,
                 log_every=cfg.trainer.log_every_n_steps, history=history,
                 train_mode=lambda: freezing.train_mode(model, plan),
-                trainable_params=plan.trainable_params,
+                trainable_params=plan.trainable_params, on_epoch_start=unfreeze,
             )
         status = "FINISHED"
     except (KeyboardInterrupt, Terminated):
@@ -164,12 +187,30 @@ def train(cfg: DictConfig) -> float:
         raise
     finally:
         try:
-            _log_results(logger, history, steps_per_epoch, plan, model if status == "FINISHED" else None, splits)
+            _log_results(logger, history, steps_per_epoch, model if status == "FINISHED" else None, splits)
         finally:
             logger.finish(status)
+    run_dir = checkpoint_dir(cfg)
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": model.state_dict()}, run_dir / "last.pt")
+        log.info("Weights saved to %s", run_dir / "last.pt")
     best = history.best(cfg.monitor)
     log.info("Best %s: %.4f", cfg.monitor, best)
     return best
+
+
+def checkpoint_dir(cfg: DictConfig):
+    """`trainer.checkpoint_dir`, else the Hydra run folder; None when neither exists (tests)."""
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+
+    if cfg.trainer.get("checkpoint_dir"):
+        return Path(cfg.trainer.checkpoint_dir)
+    if HydraConfig.initialized() and HydraConfig.get().runtime.get("output_dir"):
+        return Path(HydraConfig.get().runtime.output_dir)
+    return None
 
 
 def flat_config(cfg: DictConfig) -> dict:
@@ -178,8 +219,16 @@ def flat_config(cfg: DictConfig) -> dict:
     return flatten(OmegaConf.to_container(cfg, resolve=True))
 
 
-def _log_results(logger, history: History, steps_per_epoch: int, plan, model, splits) -> None:
-    """The LR curve and stage table always (a failed run keeps them); the model only on success."""
+def _deterministic(splits, data_cfg: DictConfig) -> bool:
+    """True when every image is the same in every epoch (in-memory tensors, or no augmentation)."""
+    from torch.utils.data import TensorDataset
+
+    in_memory = isinstance(splits.train, TensorDataset) and isinstance(splits.val, TensorDataset)
+    return in_memory or data_cfg.dataset.get("augment") is False
+
+
+def _log_results(logger, history: History, steps_per_epoch: int, model, splits) -> None:
+    """The LR curve always (a failed run keeps it); the model only on success."""
     from tunelab import plots
 
     if history.lrs:

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 #: Keys of a scheduler config that tunelab reads and torch does not take.
 TUNELAB_KEYS = ("interval", "warmup_epochs", "warmup_start_factor", "monitor")
+#: Param-group entries that hold a learning rate (set by the optimizer and by schedulers).
+_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
 #: Metrics `monitor` may name (logged once per epoch).
 EPOCH_METRICS = ("val/loss", "val/acc", "train/loss", "train/acc")
 
@@ -125,6 +127,26 @@ class Schedule:
             self.scheduler.step(metrics[self.monitor])
         else:
             self.scheduler.step()
+
+    def add_param_group(self, name: str, params: list, scale: float) -> None:
+        """Add a param group mid-run (gradual unfreezing) whose lr follows the schedule from now on.
+
+        The group copies group 0's settings with every lr-valued entry scaled by `scale` (1, or
+        layer_decay**k). Torch schedulers keep one entry per group in lists (`base_lrs`,
+        `max_lrs`, `lr_lambdas`, ...); each gets group 0's entry appended, scaled when it is an lr,
+        so the new group's lr stays `scale` x group 0's at every later step.
+        """
+        n = len(self.optimizer.param_groups)
+        template = self.optimizer.param_groups[0]
+        group = {k: (v * scale if k in _LR_KEYS else v) for k, v in template.items() if k not in ("params", "name")}
+        self.optimizer.add_param_group({**group, "name": name, "params": params})
+        for scheduler in (self.scheduler, self.warmup):
+            if scheduler is None:
+                continue
+            for attr, value in vars(scheduler).items():
+                if isinstance(value, list) and len(value) == n:
+                    first = value[0]
+                    value.append(first * scale if "lr" in attr and isinstance(first, (int, float)) else first)
 
     def state_dict(self) -> dict:
         return {

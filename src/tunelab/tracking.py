@@ -117,7 +117,10 @@ class NullLogger:
     run_id: str | None = None
     log_model_enabled = False
 
-    def start(self, params: Mapping[str, Any], tags: Mapping[str, str], config_yaml: str) -> None:
+    def start(self, params: Mapping[str, Any], tags: Mapping[str, str]) -> None:
+        pass
+
+    def log_text(self, text: str, name: str) -> None:
         pass
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
@@ -152,8 +155,8 @@ class MlflowLogger(NullLogger):
         self._sender: _BatchSender | None = None
         self._pending: list = []
 
-    def start(self, params: Mapping[str, Any], tags: Mapping[str, str], config_yaml: str) -> None:
-        """Open the run (tags, flattened params in one call, config.yaml); fails fast on a bad URI."""
+    def start(self, params: Mapping[str, Any], tags: Mapping[str, str]) -> None:
+        """Open the run (tags, the flattened params in one call); fails fast on a bad URI."""
         import mlflow
         from mlflow import MlflowClient
 
@@ -170,7 +173,6 @@ class MlflowLogger(NullLogger):
         from mlflow.entities import Param
 
         self._client.log_batch(self.run_id, params=[Param(k, v) for k, v in values.items()])
-        self._client.log_text(self.run_id, config_yaml, "config.yaml")
         self._sender = _BatchSender(self._client, self.run_id)
         self._sender.start()
         log.info("MLflow run %s in experiment '%s' at %s", self.run_id, self.experiment_name, uri)
@@ -187,6 +189,9 @@ class MlflowLogger(NullLogger):
         while self._pending:
             batch, self._pending = self._pending[:_BATCH_LIMIT], self._pending[_BATCH_LIMIT:]
             self._sender.queue.put(batch)
+
+    def log_text(self, text: str, name: str) -> None:
+        self._client.log_text(self.run_id, text, name)
 
     def log_figure(self, figure, name: str) -> None:
         self._client.log_figure(self.run_id, figure, name)
