@@ -133,6 +133,29 @@ def _check_image_root(root: str | None, key: str = "data.dataset.root") -> Path:
     return path
 
 
+def _drop_unreadable(dataset, skip: bool) -> int:
+    """Open every image once (header and integrity check); name the first bad file, or drop them all."""
+    from PIL import Image
+
+    good, bad = [], []
+    for path, target in dataset.samples:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+            good.append((path, target))
+        except Exception as err:
+            bad.append((path, err))
+    if bad and not skip:
+        path, err = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ConfigError(f"data.dataset.root: cannot read image {path}{more}: {err}. Remove it, or skip such files with data.dataset.skip_bad_files=true")
+    if bad:
+        log.warning("Skipped %d unreadable images (data.dataset.skip_bad_files=true), e.g. %s", len(bad), bad[0][0])
+        dataset.samples = dataset.imgs = good
+        dataset.targets = [t for _, t in good]
+    return len(bad)
+
+
 def image_folder(
     root: str | None,
     image_size: int,
@@ -140,8 +163,13 @@ def image_folder(
     std: Sequence[float],
     seed: int,
     augment: bool = True,
+    skip_bad_files: bool = False,
 ) -> Splits:
-    """Your own photos: `root/train/<class>/*.jpg` and `root/val/<class>/*.jpg` (torchvision ImageFolder)."""
+    """Your own photos: `root/train/<class>/*.jpg` and `root/val/<class>/*.jpg` (torchvision ImageFolder).
+
+    Every file is checked once up front: an unreadable image is named in the error, or skipped and
+    counted with `skip_bad_files=True`.
+    """
     from torchvision.datasets import ImageFolder
 
     path = _check_image_root(root)
@@ -150,6 +178,10 @@ def image_folder(
         val = ImageFolder(path / "val", transform=_folder_transforms(image_size, mean, std, False))
     except FileNotFoundError as err:
         raise ConfigError(f"data.dataset.root={root}: {err}") from None
+    skipped = _drop_unreadable(train, skip_bad_files) + _drop_unreadable(val, skip_bad_files)
+    for split, ds in (("train", train), ("val", val)):
+        empty = sorted(set(ds.classes) - {ds.classes[t] for t in ds.targets})
+        require(not empty, f"data.dataset.root={root}: {split}/ has no readable images for the classes {', '.join(empty)}" + (f" ({skipped} skipped)" if skipped else ""))
     require(
         train.classes == val.classes,
         f"data.dataset.root={root}: train/ and val/ must hold the same class folders "

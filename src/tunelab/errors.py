@@ -1,12 +1,18 @@
 """The one exception type for bad input, so the entry point can report it without a traceback."""
 
 
-class ConfigError(ValueError):
-    """A bad config value, missing file or unusable option.
+class ReportedError(Exception):
+    """An error whose message tells the whole story: `train.py` prints it as one short paragraph,
+    without a traceback (unless HYDRA_FULL_ERROR=1), and exits with `exit_code`."""
 
-    The message names the key or file and says what would be right; `train.py` prints it as one
-    short paragraph and exits non-zero (the full traceback only with HYDRA_FULL_ERROR=1).
-    """
+    exit_code = 1
+
+
+class ConfigError(ReportedError, ValueError):
+    """A bad config value, missing file or unusable option; the message names the key or file and
+    says what would be right. Raised before any training step, so nothing is lost."""
+
+    exit_code = 2
 
 
 def require(condition: bool, message: str) -> None:
@@ -33,10 +39,10 @@ def build(node, key: str, *args, **kwargs):
 
 
 def report_errors(task):
-    """Wrap a Hydra task so bad input ends with a short message and exit code 2, not a traceback.
+    """Wrap a Hydra task so a ReportedError ends with its short message and exit code, not a traceback.
 
     With HYDRA_FULL_ERROR=1, or inside a multirun (where the sweep must go on to the next job),
-    the ConfigError propagates as usual.
+    the error propagates as usual.
     """
     import functools
     import logging
@@ -47,7 +53,7 @@ def report_errors(task):
     def wrapper(cfg):
         try:
             return task(cfg)
-        except ConfigError as err:
+        except ReportedError as err:
             from hydra.core.hydra_config import HydraConfig
             from hydra.types import RunMode
 
@@ -56,6 +62,6 @@ def report_errors(task):
                 raise
             logging.getLogger("tunelab").error("%s", err)
             print(f"Error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
+            raise SystemExit(err.exit_code) from None
 
     return wrapper

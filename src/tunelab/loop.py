@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from tunelab.errors import ConfigError
+from tunelab.errors import ReportedError
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 AUX_LOSS_WEIGHT = 0.4
 
 
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
+class NonFiniteLossError(ReportedError, RuntimeError):
+    """The training loss became NaN or infinite; the run stops at once (the last checkpoint stays)."""
 
 
 @dataclass
@@ -42,6 +42,48 @@ class History:
         if not values:
             return math.nan
         return min(values) if monitor.endswith("loss") else max(values)
+
+
+@dataclass
+class LoopState:
+    """Where the loop is: enough to continue a run exactly (with the model, optimizer and schedule).
+
+    `epoch` is the epoch in progress (or the next to start) and `batch` the batches of it already
+    done, so a checkpoint taken in the middle of an epoch resumes at the next batch.
+    """
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    skipped: int = 0
+    best: float | None = None
+    history: History = field(default_factory=History)
+
+    def to_dict(self) -> dict:
+        return {
+            "epoch": self.epoch, "batch": self.batch, "step": self.step, "loss_sum": self.loss_sum,
+            "correct": self.correct, "seen": self.seen, "skipped": self.skipped, "best": self.best,
+            "lrs": self.history.lrs, "epochs": self.history.epochs,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "LoopState":
+        history = History({k: list(v) for k, v in d["lrs"].items()}, [dict(e) for e in d["epochs"]])
+        keys = ("epoch", "batch", "step", "loss_sum", "correct", "seen", "skipped", "best")
+        return cls(**{k: d[k] for k in keys}, history=history)
+
+
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM asked the loop to stop; it stopped at an optimizer-step boundary."""
+
+
+def improved(value: float, best: float | None, monitor: str) -> bool:
+    if best is None:
+        return True
+    return value < best if monitor.endswith("loss") else value > best
 
 
 def group_names(optimizer: torch.optim.Optimizer) -> list[str]:
@@ -105,37 +147,46 @@ def fit(
     precision: str = "32",
     progress: bool = True,
     log_every: int = 50,
-    start_epoch: int = 0,
+    monitor: str = "val/acc",
+    skip_nonfinite: bool = False,
+    state: LoopState | None = None,
+    scaler: torch.amp.GradScaler | None = None,
     on_epoch_start: Callable[[int], None] | None = None,
-    on_epoch_end: Callable[[int, dict], None] | None = None,
-    history: History | None = None,
-) -> History:
-    """Train for `max_epochs`, validating after each; return the history.
+    save: Callable[[LoopState, bool], None] | None = None,
+    save_every_n_steps: int = 0,
+    stop_requested: Callable[[], bool] = lambda: False,
+) -> LoopState:
+    """Train until `max_epochs`, validating after each epoch; continue from `state` when given.
 
     `train_mode()` puts the model in training mode (frozen BatchNorm stays in eval);
     `schedule.after_optimizer_step()` runs after every `optimizer.step()`,
-    `schedule.after_epoch(metrics)` after every validation.
+    `schedule.after_epoch(metrics)` after every validation. `save(state, is_best)` is called at the
+    end of every epoch, every `save_every_n_steps` optimizer steps, and when `stop_requested()`
+    turns true (then the loop raises `Interrupted` at that step boundary).
     """
     from tqdm.auto import tqdm
 
-    history = history or History()
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
+    state = state or LoopState()
+    history = state.history
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
     batches = len(train_loader)
     steps_per_epoch = math.ceil(batches / accumulate)
-    step = start_epoch * steps_per_epoch
     check_every = 1 if device.type == "cpu" else log_every
-    for epoch in range(start_epoch, max_epochs):
+    for epoch in range(state.epoch, max_epochs):
         started = time.perf_counter()
-        if on_epoch_start:
+        state.epoch = epoch
+        if state.batch == 0 and on_epoch_start:
             on_epoch_start(epoch)
         train_mode()
         train_loader.sampler.set_epoch(epoch)
         pending: list[tuple[int, dict[str, float], torch.Tensor]] = []
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
+        loss_sum = torch.tensor(state.loss_sum, device=device)
+        correct = torch.tensor(state.correct, device=device)
+        seen = state.seen
         step_loss = torch.zeros((), device=device)
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{max_epochs}", disable=not progress, leave=False, dynamic_ncols=True)
+        resume_at = state.batch
+        bar = tqdm(total=steps_per_epoch, initial=math.ceil(resume_at / accumulate), desc=f"epoch {epoch + 1}/{max_epochs}",
+                   disable=not progress, leave=False, dynamic_ncols=True)
 
         def drain() -> None:
             """Read the pending step losses once, check them, and hand everything to the logger."""
@@ -144,25 +195,39 @@ def fit(
             losses = torch.stack([loss for _, _, loss in pending]).tolist()
             for (s, lrs, _), value in zip(pending, losses):
                 if not math.isfinite(value):
-                    raise NonFiniteLossError(f"the training loss is {value} at optimizer step {s} (epoch {epoch}, lr {lrs['lr']:.6g})")
+                    raise NonFiniteLossError(
+                        f"the training loss is {value} at optimizer step {s} (epoch {epoch + 1}, lr {lrs['lr']:.6g}); "
+                        "lower optimizer.lr, add warmup (scheduler.warmup_epochs), or skip such batches with trainer.skip_nonfinite=true"
+                    )
                 logger.log_metrics({**lrs, "train/loss": value}, step=s)
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{pending[-1][1]['lr']:.3g}", refresh=False)
             pending.clear()
             logger.flush()
 
+        def checkpoint(is_best: bool = False) -> None:
+            state.loss_sum, state.correct, state.seen = loss_sum.item(), int(correct.item()), seen
+            if save:
+                save(state, is_best)
+
         for i, (x, y) in enumerate(train_loader):
+            if i < resume_at:
+                continue
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             in_step = min(accumulate, batches - (i // accumulate) * accumulate)
             with _autocast(device, precision):
                 logits, aux = _split_outputs(model(x))
                 loss = loss_fn(logits.float(), y)
                 full = loss + AUX_LOSS_WEIGHT * sum(loss_fn(a.float(), y) for a in aux) if aux else loss
-            scaler.scale(full / in_step).backward()
-            detached = loss.detach()
-            step_loss += detached / in_step
-            loss_sum += detached * len(y)
-            correct += (logits.detach().argmax(1) == y).sum()
-            seen += len(y)
+            if skip_nonfinite and not torch.isfinite(full):
+                state.skipped += 1
+                log.warning("skipped a batch with a non-finite loss at optimizer step %d (%d skipped so far)", state.step, state.skipped)
+            else:
+                scaler.scale(full / in_step).backward()
+                detached = loss.detach()
+                step_loss += detached / in_step
+                loss_sum += detached * len(y)
+                correct += (logits.detach().argmax(1) == y).sum()
+                seen += len(y)
             if (i + 1) % accumulate and i + 1 != batches:
                 continue
             lrs = lr_metrics(optimizer)
@@ -172,18 +237,28 @@ def fit(
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             schedule.after_optimizer_step()
-            pending.append((step, lrs, step_loss))
+            pending.append((state.step, lrs, step_loss))
             step_loss = torch.zeros((), device=device)
-            step += 1
+            state.step += 1
+            state.batch = i + 1
             bar.update()
             if len(pending) >= log_every or (check_every == 1 and not math.isfinite(pending[-1][2].item())):
                 drain()
+            stop = stop_requested()
+            if stop or (save_every_n_steps and state.step % save_every_n_steps == 0):
+                drain()
+                checkpoint()
+                if stop:
+                    bar.close()
+                    raise Interrupted(f"stopped after optimizer step {state.step - 1} (epoch {epoch + 1})")
         drain()
         bar.close()
         metrics = {"train/loss": (loss_sum / max(seen, 1)).item(), "train/acc": correct.item() / max(seen, 1)}
         metrics.update(evaluate(model, val_loader, loss_fn, device, precision))
         schedule.after_epoch(metrics)
         epoch_metrics = {"train/acc": metrics["train/acc"], "val/loss": metrics["val/loss"], "val/acc": metrics["val/acc"], "trainable_params": float(trainable_params())}
+        if skip_nonfinite:
+            epoch_metrics["train/skipped_batches"] = float(state.skipped)
         logger.log_metrics(epoch_metrics, step=epoch)
         logger.flush()
         history.epochs.append({"epoch": epoch, **metrics, "trainable_params": trainable_params(), "seconds": time.perf_counter() - started})
@@ -192,6 +267,12 @@ def fit(
             epoch + 1, max_epochs, metrics["train/loss"], metrics["train/acc"], metrics["val/loss"], metrics["val/acc"],
             optimizer.param_groups[0]["lr"], time.perf_counter() - started,
         )
-        if on_epoch_end:
-            on_epoch_end(epoch, metrics)
-    return history
+        is_best = improved(metrics[monitor], state.best, monitor)
+        if is_best:
+            state.best = metrics[monitor]
+        state.epoch, state.batch = epoch + 1, 0
+        loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long), 0
+        checkpoint(is_best)
+        if stop_requested():
+            raise Interrupted(f"stopped after epoch {epoch + 1}")
+    return state

@@ -6,17 +6,21 @@ import logging
 import math
 import os
 import random
+import shlex
 import signal
+import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
+from tunelab import checkpoints
 from tunelab import data as data_lib
 from tunelab import freezing, models
 from tunelab.errors import ConfigError, build, require
-from tunelab.loop import History, fit
+from tunelab.loop import History, Interrupted, LoopState, fit
 from tunelab.schedules import EPOCH_METRICS, build_schedule
 
 log = logging.getLogger(__name__)
@@ -24,24 +28,38 @@ log = logging.getLogger(__name__)
 GROUPS = ("model", "scheduler", "optimizer", "freeze", "data", "trainer", "logger")
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived: the run ends KILLED, like Ctrl-C."""
+class _StopFlag:
+    """Set by SIGINT/SIGTERM; the loop checks it after each optimizer step and stops cleanly there.
+
+    A second Ctrl-C raises KeyboardInterrupt at once.
+    """
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+    def handle(self, signum, frame) -> None:
+        if self.signal == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+        log.warning("%s received: stopping after the current optimizer step (Ctrl-C again to stop at once)", signal.Signals(signum).name)
 
 
 @contextmanager
-def _sigterm_as_exception():
-    def handler(signum, frame):
-        raise Terminated(f"signal {signum}")
-
+def _graceful_stop(flag: _StopFlag):
+    """Route SIGINT and SIGTERM to `flag` while training (main thread only; joblib threads skip)."""
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (a joblib worker thread): nothing to install
+        previous = {s: signal.signal(s, flag.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -113,6 +131,13 @@ def run_tags(cfg: DictConfig) -> dict[str, str]:
 def train(cfg: DictConfig) -> float:
     """Run one fine-tuning job as configured; return the best value of `cfg.monitor`."""
     check_config(cfg)
+    run_dir = checkpoint_dir(cfg)
+    resume_from = checkpoints.resolve(str(cfg.trainer.resume), run_dir) if cfg.trainer.resume else None
+    saved = checkpoints.load(resume_from) if resume_from else None
+    params = flat_config(cfg)
+    if saved is not None:
+        changed = checkpoints.config_differences(saved["config"], params)
+        require(not changed, f"trainer.resume={cfg.trainer.resume}: the config differs from the checkpoint's in " + "; ".join(changed[:6]))
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     device = select_device(cfg.trainer.device)
 
@@ -142,6 +167,7 @@ def train(cfg: DictConfig) -> float:
     schedule = build_schedule(cfg.scheduler, optimizer, steps_per_epoch, cfg.trainer.max_epochs)
     log.info("Instantiating loss <%s>", cfg.loss._target_)
     loss_fn = build(cfg.loss, "loss")
+    scaler = torch.amp.GradScaler(device.type, enabled=str(cfg.trainer.precision) == "16-mixed")
 
     trained, fit_train, fit_val = model, train_loader, val_loader
     if cfg.freeze.cache_features:
@@ -163,41 +189,83 @@ def train(cfg: DictConfig) -> float:
                 schedule.add_param_group(stage.name, list(stage.params.values()), freezing.lr_scale(plan, stage, layer_decay))
                 log.info("Epoch %d: unfroze %s (%d parameters); trainable now %d", epoch + 1, stage.name, stage.numel, plan.trainable_params())
 
+    state = LoopState()
+    if saved is not None:
+        state = LoopState.from_dict(saved["loop"])
+        for epoch in range(state.epoch + (1 if state.batch else 0)):
+            unfreeze(epoch)  # replay gradual unfreezing so the optimizer has the saved groups
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        scaler.load_state_dict(saved["scaler"])
+        log.info("Resuming from %s at epoch %d, batch %d (optimizer step %d)", resume_from, state.epoch + 1, state.batch, state.step)
+
     log.info("Instantiating logger <%s>", cfg.logger._target_)
     logger = build(cfg.logger, "logger")
-    params = {**flat_config(cfg), "freeze.frozen_stages": ",".join(plan.frozen_names) or "(none)"}
-    logger.start(params, run_tags(cfg))
-    logger.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-    logger.log_text(plan.table() + "\n", "stages.txt")
-    history = History()
-    status = "FAILED"
-    try:
-        with _sigterm_as_exception():
+    if saved is not None and saved.get("run_id"):
+        logger.resume(saved["run_id"])
+    else:
+        logger.start({**params, "freeze.frozen_stages": ",".join(plan.frozen_names) or "(none)"}, run_tags(cfg))
+        logger.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        logger.log_text(plan.table() + "\n", "stages.txt")
+
+    def save(loop_state: LoopState, is_best: bool) -> None:
+        if run_dir is None:
+            return
+        checkpoints.save_atomic(
+            {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "scaler": scaler.state_dict(), "rng": checkpoints.rng_state(), "loop": loop_state.to_dict(),
+                "frozen": plan.frozen, "run_id": logger.run_id, "config": params,
+            },
+            run_dir / checkpoints.LAST,
+        )
+        if is_best:
+            checkpoints.save_atomic({"model": model.state_dict(), "epoch": loop_state.epoch, cfg.monitor: loop_state.best}, run_dir / checkpoints.BEST)
+
+    if saved is not None:
+        checkpoints.set_rng_state(saved["rng"])
+    stop = _StopFlag()
+    with _graceful_stop(stop):  # also covers the final logging: a signal then cannot leave the run RUNNING
+        status = "FAILED"
+        try:
             fit(
                 trained, fit_train, fit_val, optimizer, schedule, loss_fn, logger,
                 max_epochs=cfg.trainer.max_epochs, device=device, accumulate=accumulate,
                 precision=str(cfg.trainer.precision), progress=cfg.trainer.progress,
-                log_every=cfg.trainer.log_every_n_steps, history=history,
-                train_mode=lambda: freezing.train_mode(model, plan),
-                trainable_params=plan.trainable_params, on_epoch_start=unfreeze,
+                log_every=cfg.trainer.log_every_n_steps, monitor=cfg.monitor,
+                skip_nonfinite=cfg.trainer.skip_nonfinite, state=state, scaler=scaler,
+                train_mode=lambda: freezing.train_mode(model, plan), trainable_params=plan.trainable_params,
+                on_epoch_start=unfreeze, save=save, save_every_n_steps=cfg.trainer.checkpoint_every_n_steps or 0,
+                stop_requested=stop,
             )
-        status = "FINISHED"
-    except (KeyboardInterrupt, Terminated):
-        status = "KILLED"
-        raise
-    finally:
-        try:
-            _log_results(logger, history, steps_per_epoch, model if status == "FINISHED" else None, splits)
+            status = "FINISHED"
+        except (Interrupted, KeyboardInterrupt):
+            status = "KILLED"
+            if run_dir is not None and (run_dir / checkpoints.LAST).is_file():
+                print(f"\nStopped. Continue this run with:\n  {resume_command(run_dir)}\n", file=sys.stderr)
+            if stop.signal is not None:
+                raise SystemExit(128 + stop.signal) from None
+            raise
         finally:
-            logger.finish(status)
-    run_dir = checkpoint_dir(cfg)
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": model.state_dict()}, run_dir / "last.pt")
-        log.info("Weights saved to %s", run_dir / "last.pt")
-    best = history.best(cfg.monitor)
-    log.info("Best %s: %.4f", cfg.monitor, best)
+            try:
+                _log_results(logger, state.history, steps_per_epoch, model if status == "FINISHED" else None, splits)
+            finally:
+                logger.finish(status)
+    best = state.history.best(cfg.monitor)
+    log.info("Best %s: %.4f%s", cfg.monitor, best, f" (checkpoints in {run_dir})" if run_dir else "")
     return best
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues this run from its last checkpoint, in the same folder."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = []
+    if HydraConfig.initialized():
+        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("trainer.resume=", "hydra.run.dir="))]
+    args = [*overrides, "trainer.resume=auto", f"hydra.run.dir={run_dir}"]
+    return "python train.py " + " ".join(shlex.quote(a) for a in args)
 
 
 def checkpoint_dir(cfg: DictConfig):

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, ReportedError
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,9 @@ class NullLogger:
     def start(self, params: Mapping[str, Any], tags: Mapping[str, str]) -> None:
         pass
 
+    def resume(self, run_id: str) -> None:
+        pass
+
     def log_text(self, text: str, name: str) -> None:
         pass
 
@@ -154,35 +157,79 @@ class MlflowLogger(NullLogger):
         self._client = None
         self._sender: _BatchSender | None = None
         self._pending: list = []
+        self._skip: dict[str, int] = {}
+        self._uri = None
 
-    def start(self, params: Mapping[str, Any], tags: Mapping[str, str]) -> None:
-        """Open the run (tags, the flattened params in one call); fails fast on a bad URI."""
-        import mlflow
+    def _connect(self) -> str:
+        """Client and experiment; fails within seconds, naming the URI, when the store is unreachable."""
         from mlflow import MlflowClient
 
-        uri = resolve_tracking_uri(self.tracking_uri)
+        configured = self.tracking_uri
+        uri = resolve_tracking_uri(configured)
+        key = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "logger.tracking_uri"
+        if uri.startswith(("http://", "https://")):
+            import requests
+
+            try:
+                requests.get(uri.rstrip("/") + "/health", timeout=5)
+            except requests.RequestException as err:
+                raise ConfigError(
+                    f"{key}={uri}: the MLflow tracking server does not answer ({type(err).__name__}); "
+                    "start it (mlflow server --host 127.0.0.1 --port 5000 ...) or point tunelab elsewhere"
+                ) from None
         self._client = MlflowClient(uri)
         try:
             experiment_id = get_or_create_experiment(self._client, self.experiment_name)
         except Exception as err:
-            raise ConfigError(f"logger.tracking_uri={uri}: cannot reach the MLflow tracking store ({err})") from None
-        run = self._client.create_run(experiment_id, tags=dict(tags), run_name=self.run_name)
-        self.run_id = run.info.run_id
-        mlflow.set_tracking_uri(uri)
-        values = {k: str(v)[:_PARAM_VALUE_LIMIT] for k, v in params.items()}
+            raise ConfigError(f"{key}={uri}: cannot use the MLflow tracking store ({str(err).splitlines()[0][:300]})") from None
+        reap_dead_runs(self._client, experiment_id)
+        self._uri = uri
+        return experiment_id
+
+    def start(self, params: Mapping[str, Any], tags: Mapping[str, str]) -> None:
+        """Open a new run: tags, then the flattened params in one call."""
+        import mlflow
         from mlflow.entities import Param
 
+        experiment_id = self._connect()
+        run = self._client.create_run(experiment_id, tags={**process_tags(), **tags}, run_name=self.run_name)
+        self.run_id = run.info.run_id
+        mlflow.set_tracking_uri(self._uri)
+        values = {k: str(v)[:_PARAM_VALUE_LIMIT] for k, v in params.items()}
         self._client.log_batch(self.run_id, params=[Param(k, v) for k, v in values.items()])
+        self._start_sender()
+        log.info("MLflow run %s in experiment '%s' at %s", self.run_id, self.experiment_name, self._uri)
+
+    def resume(self, run_id: str) -> None:
+        """Continue an existing run: RUNNING again, and metrics it already holds are not sent twice."""
+        import mlflow
+
+        self._connect()
+        try:
+            run = self._client.get_run(run_id)
+        except Exception:
+            raise ConfigError(f"trainer.resume: the checkpoint's MLflow run {run_id} is not in {self._uri}") from None
+        self.run_id = run_id
+        self._skip = {key: max(m.step for m in self._client.get_metric_history(run_id, key)) for key in run.data.metrics}
+        self._client.update_run(run_id, status="RUNNING")
+        self._client.set_tag(run_id, "tunelab.pid", str(os.getpid()))
+        mlflow.set_tracking_uri(self._uri)
+        self._start_sender()
+        log.info("Continuing MLflow run %s at %s", run_id, self._uri)
+
+    def _start_sender(self) -> None:
         self._sender = _BatchSender(self._client, self.run_id)
         self._sender.start()
-        log.info("MLflow run %s in experiment '%s' at %s", self.run_id, self.experiment_name, uri)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Buffer metrics for one step; they are sent at the next flush (no I/O here)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._pending.extend(Metric(key, float(value), now, step) for key, value in metrics.items())
+        skip = self._skip
+        self._pending.extend(
+            Metric(key, float(value), now, step) for key, value in metrics.items() if not skip or step > skip.get(key, -1)
+        )
 
     def flush(self) -> None:
         """Hand buffered metrics to the sender thread (blocks only when its queue is full)."""
@@ -235,9 +282,67 @@ class MlflowLogger(NullLogger):
             self._sender.close()
             error = self._sender.error
         finally:
-            self._client.set_terminated(self.run_id, status)
+            try:
+                self._client.set_terminated(self.run_id, status)
+            except Exception as err:
+                error = error or err
         if error is not None:
-            raise RuntimeError(f"MLflow could not store some metrics of run {self.run_id}: {error}")
+            raise ReportedError(
+                f"MLflow at {self._uri} could not store all of run {self.run_id} "
+                f"({str(error).splitlines()[0][:300]}); the run's checkpoint is still in its run folder"
+            )
+
+
+def process_tags() -> dict[str, str]:
+    """Where and with what the run was made: host and pid (to spot dead runs), library versions,
+    the project's git commit (the tag MLflow's UI shows as the source version)."""
+    import platform
+    import socket
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    tags = {"tunelab.host": socket.gethostname(), "tunelab.pid": str(os.getpid()), "version.python": platform.python_version()}
+    for package in ("tunelab", "torch", "torchvision", "timm", "mlflow", "hydra-core"):
+        try:
+            tags[f"version.{package}"] = version(package)
+        except PackageNotFoundError:
+            continue
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if commit.returncode == 0:
+            tags["mlflow.source.git.commit"] = commit.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return tags
+
+
+def reap_dead_runs(client, experiment_id: str) -> None:
+    """Mark KILLED the RUNNING runs of this host whose process is gone (a `kill -9`, a power cut)."""
+    import socket
+
+    host = socket.gethostname()
+    try:
+        runs = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=200)
+    except Exception:
+        return
+    for run in runs:
+        tags = run.data.tags
+        if tags.get("tunelab.host") != host or not tags.get("tunelab.pid", "").isdigit():
+            continue
+        pid = int(tags["tunelab.pid"])
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # still alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        client.set_tag(run.info.run_id, "tunelab.ended", "process gone (killed); marked KILLED by a later run")
+        client.set_terminated(run.info.run_id, "KILLED")
+        log.warning("MLflow run %s was left RUNNING by process %d, which is gone: marked KILLED", run.info.run_id, pid)
 
 
 def pip_requirements() -> list[str]:

@@ -1,0 +1,94 @@
+"""Checkpoints: everything needed to continue a run exactly, written atomically.
+
+A checkpoint (`last.pt` in the run folder) holds the model, the optimizer, the schedule (warmup
+included), the AMP grad scaler, every random number generator, the loop's position (epoch, batch,
+global step, best metric, the history of lrs and epoch metrics), how many stages are still frozen
+(gradual unfreezing), the MLflow run id and the resolved config. It is written to a temporary file
+and renamed, so a kill during the write leaves the previous one intact; it loads with
+`torch.load(weights_only=True)`. `best.pt` holds the weights of the best epoch by `monitor`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from tunelab.errors import ConfigError, require
+
+log = logging.getLogger(__name__)
+
+LAST = "last.pt"
+BEST = "best.pt"
+#: Config keys that may differ between a run and its resumption.
+RESUMABLE_CHANGES = ("trainer.resume", "trainer.progress", "trainer.device", "trainer.checkpoint_dir", "trainer.log_every_n_steps", "data.num_workers")
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to `path.tmp`, fsync, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    version, state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(state), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: Mapping) -> None:
+    version, values, gauss = state["python"]
+    random.setstate((version, tuple(values), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load(path: Path) -> dict:
+    """A checkpoint, loaded with `weights_only=True`; a bad file is a ConfigError naming it."""
+    require(path.is_file(), f"trainer.resume={path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ConfigError(f"trainer.resume={path}: not a readable tunelab checkpoint ({str(err).splitlines()[0]})") from None
+
+
+def resolve(resume: str, run_dir: Path | None) -> Path:
+    """`auto` = last.pt of the run folder; a folder = its last.pt; else the file itself."""
+    if resume == "auto":
+        require(run_dir is not None, "trainer.resume=auto needs the run folder: add hydra.run.dir=outputs/runs/DATE/TIME")
+        path = run_dir / LAST
+        require(path.is_file(), f"trainer.resume=auto: no {LAST} in {run_dir}; give the run folder with hydra.run.dir=... or trainer.resume=PATH")
+        return path
+    path = Path(os.path.expanduser(str(resume)))
+    if path.is_dir():
+        path = path / LAST
+    require(path.is_file(), f"trainer.resume={resume}: no such checkpoint (expected a {LAST} file or a run folder holding one)")
+    return path
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Keys whose values differ between the checkpoint's flattened config and this run's."""
+    keys = sorted(set(saved) | set(current))
+    return [
+        f"{k} ({saved.get(k)!r} -> {current.get(k)!r})"
+        for k in keys
+        if not k.startswith(RESUMABLE_CHANGES) and str(saved.get(k)) != str(current.get(k))
+    ]

@@ -1,0 +1,270 @@
+"""Nothing lost: checkpoints, resume after kill -9, reproducibility, NaN, signals, logging faults."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import ROOT, metric_series, mlflow_runs, run_train
+from tunelab import checkpoints, run, tracking
+from tunelab.errors import ConfigError, ReportedError
+from tunelab.loop import NonFiniteLossError
+
+RESUMABLE = [
+    "trainer.max_epochs=3", "trainer.limit_train_batches=8", "trainer.limit_val_batches=2", "data.batch_size=32",
+    "trainer.device=cpu", "trainer.progress=false", "trainer.deterministic=true", "trainer.checkpoint_every_n_steps=2",
+    "logger.log_model=false", "scheduler=onecycle", "scheduler.warmup_epochs=0.5", "freeze.depth=-1",
+    "freeze.unfreeze_every=1", "freeze.cache_features=false", "optimizer=adamw",
+]
+
+
+class NanAfter(nn.Module):
+    """Cross-entropy that turns NaN after `after` training batches (a loss made to blow up)."""
+
+    def __init__(self, after: int):
+        super().__init__()
+        self.after, self.calls = after, 0
+
+    def forward(self, logits, target):
+        loss = nn.functional.cross_entropy(logits, target)
+        if not torch.is_grad_enabled():  # validation
+            return loss
+        self.calls += 1
+        return loss * float("nan") if self.calls > self.after else loss
+
+
+def _all_metrics(client, run_id):
+    keys = client.get_run(run_id).data.metrics
+    return {k: metric_series(client, run_id, k) for k in keys}
+
+
+@pytest.mark.slow
+def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {"MLFLOW_TRACKING_URI": uri}
+    straight = run_train([*RESUMABLE, f"hydra.run.dir={tmp_path}/straight"], cwd=tmp_path, env=env)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    folder = tmp_path / "killed"
+    args = [*RESUMABLE, f"hydra.run.dir={folder}"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path,
+                            env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    step = 0
+    while time.time() < deadline and proc.poll() is None:  # kill once a mid-epoch checkpoint of epoch 2 exists
+        try:
+            state = torch.load(folder / "last.pt", weights_only=True)["loop"]
+            step = state["step"]
+            if state["epoch"] == 1 and state["batch"] > 0:
+                break
+        except (FileNotFoundError, RuntimeError, EOFError, KeyError):
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 8 < step < 24, f"killed at step {step}"
+    _, runs = mlflow_runs(uri)
+    assert runs[-1].info.status == "RUNNING"  # kill -9 leaves no chance to say otherwise...
+
+    resumed = run_train([*RESUMABLE, "trainer.resume=auto", f"hydra.run.dir={folder}"], cwd=tmp_path, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    client, runs = mlflow_runs(uri)
+    assert len(runs) == 2 and [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
+    a, b = (_all_metrics(client, r.info.run_id) for r in runs)
+    assert sorted(a) == sorted(b)
+    for key in a:  # every step once, same values
+        assert [s for s, _ in b[key]] == sorted({s for s, _ in b[key]}), key
+        assert b[key] == a[key], key
+    wa = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
+    wb = torch.load(folder / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_same_seed_twice_is_identical_and_logs_provenance(small_cfg, tracking_uri, tmp_path):
+    finals = []
+    for i in range(2):
+        run.train(small_cfg("trainer.deterministic=true", f"trainer.checkpoint_dir={tmp_path}/{i}", f"logger.experiment_name=rep{i}"))
+        finals.append(torch.load(tmp_path / str(i) / "last.pt", weights_only=True)["model"])
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+    histories = []
+    for i in range(2):
+        client, runs = mlflow_runs(tracking_uri, f"rep{i}")
+        histories.append(_all_metrics(client, runs[0].info.run_id))
+        tags, params = runs[0].data.tags, runs[0].data.params
+        assert params["seed"] == "42" and torch.__version__.startswith(tags["version.torch"])
+        assert len(tags["mlflow.source.git.commit"]) == 40 and tags["tunelab.pid"].isdigit()
+    assert histories[0] == {k: [(s, v) for s, v in series] for k, series in histories[1].items()}
+
+
+def test_best_and_last_checkpoints(small_cfg, tracking_uri, tmp_path):
+    run.train(small_cfg("trainer.max_epochs=3", f"trainer.checkpoint_dir={tmp_path}"))
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    accs = [e["val/acc"] for e in last["loop"]["epochs"]]
+    assert best["val/acc"] == max(accs) == last["loop"]["best"]
+    assert best["epoch"] == accs.index(max(accs)) + 1
+    _, runs = mlflow_runs(tracking_uri)
+    assert last["run_id"] == runs[0].info.run_id and last["loop"]["epoch"] == 3
+
+
+def test_atomic_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    checkpoints.save_atomic({"v": torch.tensor(1)}, path)
+
+    def broken(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # the process is stopped mid-write
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.save_atomic({"v": torch.tensor(2)}, path)
+    assert torch.load(path, weights_only=True)["v"].item() == 1
+
+
+def test_nonfinite_loss_stops_at_once_and_keeps_the_last_checkpoint(small_cfg, tracking_uri, tmp_path):
+    cfg = small_cfg("loss._target_=test_faults.NanAfter", "~loss.label_smoothing", "+loss.after=6",
+                    "trainer.max_epochs=3", f"trainer.checkpoint_dir={tmp_path}")
+    with pytest.raises(NonFiniteLossError, match=r"optimizer step 6 \(epoch 2, lr [0-9.e-]+\)"):
+        run.train(cfg)
+    client, runs = mlflow_runs(tracking_uri)
+    assert runs[0].info.status == "FAILED"
+    assert [s for s, _ in metric_series(client, runs[0].info.run_id, "train/loss")] == list(range(6))
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["loop"]["epoch"] == 1
+
+
+def test_skip_nonfinite_counts_and_finishes(small_cfg, tracking_uri):
+    run.train(small_cfg("loss._target_=test_faults.NanAfter", "~loss.label_smoothing", "+loss.after=6",
+                        "trainer.skip_nonfinite=true"))
+    client, runs = mlflow_runs(tracking_uri)
+    assert runs[0].info.status == "FINISHED"
+    assert [v for _, v in metric_series(client, runs[0].info.run_id, "train/skipped_batches")] == [0.0, 2.0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_writes_a_checkpoint_and_ends_killed(sig, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    folder = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), "trainer.max_epochs=50", "trainer.progress=false", "logger.log_model=false",
+         f"hydra.run.dir={folder}", "trainer.device=cpu"],
+        cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not (folder / "last.pt").exists():  # after the first epoch
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err[-2000:]
+    assert "trainer.resume=auto" in err and f"hydra.run.dir={folder}" in err
+    state = torch.load(folder / "last.pt", weights_only=True)["loop"]
+    assert state["batch"] > 0  # written at the interruption, in the middle of an epoch
+    _, runs = mlflow_runs(uri)
+    assert runs[0].info.status == "KILLED"
+
+
+def test_unreachable_server_fails_fast_before_training(small_cfg, tracking_uri, monkeypatch):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=rf"MLFLOW_TRACKING_URI=http://127.0.0.1:{port}"):
+        run.train(small_cfg())
+    assert time.perf_counter() - started < 30
+
+
+def test_logging_errors_are_retried_then_reported_and_the_checkpoint_stays(small_cfg, tracking_uri, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = tracking.MlflowClient if hasattr(tracking, "MlflowClient") else None
+    from mlflow import MlflowClient
+
+    original = MlflowClient.log_batch
+
+    def flaky(self, run_id, metrics=(), params=(), tags=(), synchronous=None):
+        if metrics:
+            calls["n"] += 1
+            raise ConnectionError("tracking store went away")
+        return original(self, run_id, metrics=metrics, params=params, tags=tags)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", flaky)
+    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    with pytest.raises(ReportedError, match="could not store all of run"):
+        run.train(small_cfg(f"trainer.checkpoint_dir={tmp_path}"))
+    assert calls["n"] >= 4  # each batch tried 1 + 3 times
+    assert (tmp_path / "last.pt").exists()
+    del real
+
+
+def test_sender_retries_then_delivers_everything():
+    class Client:
+        def __init__(self):
+            self.failures, self.got = 2, []
+
+        def log_batch(self, run_id, metrics, synchronous=True):
+            if self.failures:
+                self.failures -= 1
+                raise ConnectionError("blip")
+            self.got.extend(metrics)
+
+    client = Client()
+    sender = tracking._BatchSender(client, "run", retries=3)
+    sender._send = sender._send  # real retry loop
+    tracking.time.sleep, saved = (lambda s: None), tracking.time.sleep
+    try:
+        sender.start()
+        for i in range(5):
+            sender.queue.put([i])
+        sender.close()
+    finally:
+        tracking.time.sleep = saved
+    assert client.got == [0, 1, 2, 3, 4] and sender.error is None
+
+
+def test_corrupt_image_is_named_or_skipped(tmp_path):
+    from PIL import Image
+
+    from tunelab import data
+
+    for split in ("train", "val"):
+        for cls, color in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
+            for i in range(2):
+                (tmp_path / split / cls).mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (20, 20), color).save(tmp_path / split / cls / f"{i}.png")
+    (tmp_path / "train" / "dog" / "broken.png").write_bytes(b"not an image at all")
+    args = dict(root=str(tmp_path), image_size=16, mean=[0.5] * 3, std=[0.5] * 3, seed=0)
+    with pytest.raises(ConfigError, match=r"broken\.png.*skip_bad_files=true"):
+        data.image_folder(**args)
+    splits = data.image_folder(**args, skip_bad_files=True)
+    assert len(splits.train) == 4 and splits.classes == ["cat", "dog"]
+
+
+def test_a_run_left_running_by_a_dead_process_is_marked_killed(small_cfg, tracking_uri):
+    import socket
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = tracking.get_or_create_experiment(client, "tunelab")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = client.create_run(exp, tags={"tunelab.host": socket.gethostname(), "tunelab.pid": str(dead.pid)})
+    run.train(small_cfg())
+    assert client.get_run(orphan.info.run_id).info.status == "KILLED"
+
+
+def test_resume_refuses_a_different_config(small_cfg, tracking_uri, tmp_path):
+    run.train(small_cfg(f"trainer.checkpoint_dir={tmp_path}"))
+    with pytest.raises(ConfigError, match=r"optimizer.lr"):
+        run.train(small_cfg(f"trainer.checkpoint_dir={tmp_path}", "trainer.resume=auto", "optimizer.lr=0.5"))
