@@ -41,8 +41,9 @@ def build(node, key: str, *args, **kwargs):
 def report_errors(task):
     """Wrap a Hydra task so a ReportedError ends with its short message and exit code, not a traceback.
 
-    With HYDRA_FULL_ERROR=1, or inside a multirun (where the sweep must go on to the next job),
-    the error propagates as usual.
+    Inside a multirun a failing job must not stop the sweep: its error is recorded in MLflow (a
+    FAILED child run with the tag `tunelab.error`), the job returns NaN (a failed trial for
+    Optuna) and the sweep goes on. With HYDRA_FULL_ERROR=1 errors propagate as usual.
     """
     import functools
     import logging
@@ -51,14 +52,23 @@ def report_errors(task):
 
     @functools.wraps(task)
     def wrapper(cfg):
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
         try:
             return task(cfg)
-        except ReportedError as err:
-            from hydra.core.hydra_config import HydraConfig
-            from hydra.types import RunMode
+        except Exception as err:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            if multirun:
+                from tunelab.sweep import job_failed
 
-            multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-            if os.environ.get("HYDRA_FULL_ERROR") == "1" or multirun:
+                if not isinstance(err, ReportedError):
+                    logging.getLogger("tunelab").exception("The job raised")
+                job_failed(cfg, err)
+                return float("nan")
+            if not isinstance(err, ReportedError):
                 raise
             logging.getLogger("tunelab").error("%s", err)
             print(f"Error: {err}", file=sys.stderr)

@@ -267,7 +267,9 @@ def head_inputs(model: nn.Module, dataset, device, batch_size: int = 256):
     Returns a TensorDataset (features on the CPU, labels) that the head alone can train on.
     """
     import torch
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import TensorDataset
+
+    from tunelab.data import make_loader
 
     head = model.get_submodule(model.head_names[0])
     captured: list = []
@@ -277,7 +279,7 @@ def head_inputs(model: nn.Module, dataset, device, batch_size: int = 256):
     model.eval()
     try:
         with torch.no_grad():
-            for x, y in DataLoader(dataset, batch_size=batch_size):
+            for x, y in make_loader(dataset, batch_size=batch_size, shuffle=False, seed=0):
                 model(x.to(device))
                 labels.append(torch.as_tensor(y))
     finally:

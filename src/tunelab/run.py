@@ -117,20 +117,48 @@ def _without(node: DictConfig, *keys: str) -> DictConfig:
 
 
 def run_tags(cfg: DictConfig) -> dict[str, str]:
-    """The chosen option of each group and the command-line overrides (from Hydra, when present)."""
+    """The chosen option of each group, the command-line overrides and, in a sweep, the parent run."""
     from hydra.core.hydra_config import HydraConfig
+
+    from tunelab.sweep import JOB_DIR_TAG, parent_run_id
+    from tunelab.tracking import PARENT_RUN_TAG
 
     if not HydraConfig.initialized():
         return {}
     hydra = HydraConfig.get()
     tags = {g: str(hydra.runtime.choices.get(g)) for g in GROUPS if g in hydra.runtime.choices}
     tags["overrides"] = " ".join(hydra.overrides.task) or "(none)"
+    if hydra.runtime.get("output_dir"):
+        tags[JOB_DIR_TAG] = str(hydra.runtime.output_dir)
+    parent = parent_run_id()
+    if parent:
+        tags[PARENT_RUN_TAG] = parent
+        tags["mlflow.runName"] = tags["overrides"][:250]
+        tags["tunelab.job"] = str(hydra.job.get("num", ""))
     return tags
+
+
+def limit_threads_for_parallel_jobs() -> None:
+    """With the joblib launcher, share the cores among the jobs instead of each taking them all."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    launcher = HydraConfig.get().get("launcher") or {}
+    if "joblib" not in str(launcher.get("_target_", "")):
+        return
+    cores = os.cpu_count() or 1
+    jobs = launcher.get("n_jobs") or 1
+    jobs = cores if jobs < 0 else jobs
+    threads = max(1, cores // jobs)
+    torch.set_num_threads(threads)
+    log.info("joblib launcher with n_jobs=%s: %d torch threads per job", launcher.get("n_jobs"), threads)
 
 
 def train(cfg: DictConfig) -> float:
     """Run one fine-tuning job as configured; return the best value of `cfg.monitor`."""
     check_config(cfg)
+    limit_threads_for_parallel_jobs()
     run_dir = checkpoint_dir(cfg)
     resume_from = checkpoints.resolve(str(cfg.trainer.resume), run_dir) if cfg.trainer.resume else None
     saved = checkpoints.load(resume_from) if resume_from else None

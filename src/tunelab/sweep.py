@@ -1,0 +1,128 @@
+"""Sweeps grouped in MLflow: one parent run per `-m` sweep, each job a nested child run.
+
+`MlflowSweepCallback` (a Hydra callback, enabled in conf/config.yaml) opens the parent run when a
+multirun starts and tells the jobs its id through the environment variable `TUNELAB_PARENT_RUN_ID`
+and a file `parent_run_id` in the sweep folder (so jobs in other processes, joblib or submitit,
+find it too). When the sweep ends it builds the comparison (tunelab.compare), logs it to the parent
+and writes it to the sweep folder. A job that fails is recorded as a FAILED child with its error,
+and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+PARENT_ENV = "TUNELAB_PARENT_RUN_ID"
+PARENT_FILE = "parent_run_id"
+SWEEP_TAG = "tunelab.sweep"
+ERROR_TAG = "tunelab.error"
+JOB_DIR_TAG = "tunelab.job_dir"
+
+
+def _client_and_experiment(logger_cfg: DictConfig):
+    from mlflow import MlflowClient
+
+    from tunelab.tracking import get_or_create_experiment, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(logger_cfg.get("tracking_uri"))
+    client = MlflowClient(uri)
+    return client, get_or_create_experiment(client, logger_cfg.experiment_name), uri
+
+
+def _tracking_on(cfg: DictConfig) -> bool:
+    return "experiment_name" in cfg.get("logger", {})
+
+
+def parent_run_id() -> str | None:
+    """The id of the sweep's parent run, for a job of a multirun; None outside a sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    if os.environ.get(PARENT_ENV):
+        return os.environ[PARENT_ENV]
+    marker = Path(HydraConfig.get().runtime.output_dir).parent / PARENT_FILE
+    return marker.read_text().strip() if marker.is_file() else None
+
+
+class MlflowSweepCallback(Callback):
+    """Hydra callback: the parent run of a sweep and its comparison."""
+
+    def __init__(self) -> None:
+        self.parent_id: str | None = None
+        self.client = None
+        self.uri = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from tunelab.tracking import process_tags
+
+        if not _tracking_on(config):
+            return
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        self.client, experiment_id, self.uri = _client_and_experiment(config.logger)
+        overrides = " ".join(config.hydra.overrides.task)
+        tags = {**process_tags(), SWEEP_TAG: "true", "overrides": overrides or "(none)", "tunelab.sweep_dir": str(sweep_dir.resolve())}
+        run = self.client.create_run(experiment_id, tags=tags, run_name=f"sweep {sweep_dir.name}: {overrides}"[:250])
+        self.parent_id = run.info.run_id
+        os.environ[PARENT_ENV] = self.parent_id
+        (sweep_dir / PARENT_FILE).write_text(self.parent_id)
+        atexit.register(self._end_if_open, "KILLED")
+        log.info("Sweep parent run %s (MLflow %s)", self.parent_id, self.uri)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from tunelab import compare
+
+        if self.parent_id is None:
+            return
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        status = "FINISHED"
+        try:
+            report = compare.compare_runs(self.client, compare.children(self.client, self.parent_id), sweep_dir, parent_id=self.parent_id)
+            print(report.summary())
+            print(f"\nComparison: {report.png}\n            {report.markdown}\nLook at the runs:  mlflow ui --backend-store-uri {self.uri}")
+        except Exception:
+            status = "FAILED"
+            log.exception("Could not build the sweep's comparison")
+        finally:
+            self._end_if_open(status)
+            os.environ.pop(PARENT_ENV, None)
+
+    def _end_if_open(self, status: str) -> None:
+        if self.parent_id is not None:
+            self.client.set_terminated(self.parent_id, status)
+            self.parent_id = None
+
+
+def job_failed(cfg: DictConfig, error: BaseException) -> None:
+    """Record a failed sweep job in MLflow: its child run (made FAILED here if the job failed
+    before it could start one) carries the error as the tag `tunelab.error`."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from tunelab.run import run_tags
+
+    if not _tracking_on(cfg):
+        return
+    parent = parent_run_id()
+    client, experiment_id, _ = _client_and_experiment(cfg.logger)
+    job_dir = str(HydraConfig.get().runtime.output_dir)
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{JOB_DIR_TAG}` = '{job_dir}'", max_results=1)
+    message = f"{type(error).__name__}: {error}".splitlines()[0][:4000]
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        tags = run_tags(cfg)
+        run_id = client.create_run(experiment_id, tags=tags, run_name=tags.get("overrides", "failed job")[:250]).info.run_id
+        client.set_terminated(run_id, "FAILED")
+    client.set_tag(run_id, ERROR_TAG, message)
+    log.error("Job failed (recorded in MLflow run %s under sweep %s): %s", run_id, parent, message)
