@@ -112,7 +112,7 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def evaluate(model: nn.Module, loader, loss_fn, device: torch.device, precision: str = "32") -> dict[str, float]:
+def evaluate(model: nn.Module, loader, loss_fn, device: torch.device, precision: str = "32", channels_last: bool = False) -> dict[str, float]:
     """Mean loss and accuracy over `loader`, in eval mode under `torch.inference_mode()`."""
     was_training = model.training
     model.eval()
@@ -122,6 +122,8 @@ def evaluate(model: nn.Module, loader, loss_fn, device: torch.device, precision:
     with torch.inference_mode(), _autocast(device, precision):
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             logits, _ = _split_outputs(model(x))
             total_loss += loss_fn(logits.float(), y) * len(y)
             correct += (logits.argmax(1) == y).sum()
@@ -151,6 +153,7 @@ def fit(
     skip_nonfinite: bool = False,
     state: LoopState | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    channels_last: bool = False,
     on_epoch_start: Callable[[int], None] | None = None,
     save: Callable[[LoopState, bool], None] | None = None,
     save_every_n_steps: int = 0,
@@ -172,6 +175,7 @@ def fit(
     batches = len(train_loader)
     steps_per_epoch = math.ceil(batches / accumulate)
     check_every = 1 if device.type == "cpu" else log_every
+    log.info("Training: %d epochs of %d optimizer steps (%d batches each) on %s", max_epochs, steps_per_epoch, batches, device)
     for epoch in range(state.epoch, max_epochs):
         started = time.perf_counter()
         state.epoch = epoch
@@ -213,6 +217,8 @@ def fit(
             if i < resume_at:
                 continue
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             in_step = min(accumulate, batches - (i // accumulate) * accumulate)
             with _autocast(device, precision):
                 logits, aux = _split_outputs(model(x))
@@ -254,7 +260,7 @@ def fit(
         drain()
         bar.close()
         metrics = {"train/loss": (loss_sum / max(seen, 1)).item(), "train/acc": correct.item() / max(seen, 1)}
-        metrics.update(evaluate(model, val_loader, loss_fn, device, precision))
+        metrics.update(evaluate(model, val_loader, loss_fn, device, precision, channels_last))
         schedule.after_epoch(metrics)
         epoch_metrics = {"train/acc": metrics["train/acc"], "val/loss": metrics["val/loss"], "val/acc": metrics["val/acc"], "trainable_params": float(trainable_params())}
         if skip_nonfinite:

@@ -130,10 +130,12 @@ def run_tags(cfg: DictConfig) -> dict[str, str]:
     tags["overrides"] = " ".join(hydra.overrides.task) or "(none)"
     if hydra.runtime.get("output_dir"):
         tags[JOB_DIR_TAG] = str(hydra.runtime.output_dir)
+    # A readable name of our own: MLflow's random names repeat, since the seed fixes Python's RNG
+    picked = " ".join(f"{g}={tags[g]}" for g in ("model", "scheduler", "freeze") if g in tags)
+    tags["mlflow.runName"] = (" ".join(hydra.overrides.task) or picked)[:250]
     parent = parent_run_id()
     if parent:
         tags[PARENT_RUN_TAG] = parent
-        tags["mlflow.runName"] = tags["overrides"][:250]
         tags["tunelab.job"] = str(hydra.job.get("num", ""))
     return tags
 
@@ -185,6 +187,8 @@ def train(cfg: DictConfig) -> float:
     plan = freezing.freeze(model, cfg.freeze.depth, cfg.freeze.bn)
     log.info("Stages of %s:\n%s", cfg.model.name, plan.table())
     model.to(device)
+    if cfg.trainer.channels_last:
+        model.to(memory_format=torch.channels_last)
 
     layer_decay = cfg.optimizer.get("layer_decay")
     groups = freezing.param_groups(plan, cfg.optimizer.lr, layer_decay)
@@ -216,6 +220,10 @@ def train(cfg: DictConfig) -> float:
             if stage is not None:
                 schedule.add_param_group(stage.name, list(stage.params.values()), freezing.lr_scale(plan, stage, layer_decay))
                 log.info("Epoch %d: unfroze %s (%d parameters); trainable now %d", epoch + 1, stage.name, stage.numel, plan.trainable_params())
+
+    if cfg.trainer.compile:
+        log.info("Compiling the trained module with torch.compile (the first steps are slow)")
+        trained = torch.compile(trained)
 
     state = LoopState()
     if saved is not None:
@@ -262,7 +270,7 @@ def train(cfg: DictConfig) -> float:
                 max_epochs=cfg.trainer.max_epochs, device=device, accumulate=accumulate,
                 precision=str(cfg.trainer.precision), progress=cfg.trainer.progress,
                 log_every=cfg.trainer.log_every_n_steps, monitor=cfg.monitor,
-                skip_nonfinite=cfg.trainer.skip_nonfinite, state=state, scaler=scaler,
+                skip_nonfinite=cfg.trainer.skip_nonfinite, state=state, scaler=scaler, channels_last=cfg.trainer.channels_last,
                 train_mode=lambda: freezing.train_mode(model, plan), trainable_params=plan.trainable_params,
                 on_epoch_start=unfreeze, save=save, save_every_n_steps=cfg.trainer.checkpoint_every_n_steps or 0,
                 stop_requested=stop,

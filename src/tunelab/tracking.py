@@ -192,7 +192,8 @@ class MlflowLogger(NullLogger):
         from mlflow.entities import Param
 
         experiment_id = self._connect()
-        run = self._client.create_run(experiment_id, tags={**process_tags(), **tags}, run_name=self.run_name)
+        tags = {**process_tags(), **tags, **({"mlflow.runName": self.run_name} if self.run_name else {})}
+        run = self._client.create_run(experiment_id, tags=tags)
         self.run_id = run.info.run_id
         mlflow.set_tracking_uri(self._uri)
         values = {k: str(v)[:_PARAM_VALUE_LIMIT] for k, v in params.items()}

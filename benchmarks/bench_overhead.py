@@ -1,0 +1,173 @@
+"""What tunelab costs over the subject's bare loop, measured side by side in one run.
+
+    python benchmarks/bench_overhead.py [--epochs 5] [--runs 2]
+
+1. Per-epoch time, in one process, epochs of both alternating: tunelab's loop (resnet18, digits,
+   SGD + cosine stepped per step, lr and train/loss logged every step to MLflow, progress bar on)
+   against benchmarks/bare_loop.py's loop doing the same work. Target <= 1.03x.
+2. Per-step MLflow logging: the same tunelab loop with MlflowLogger against NullLogger. Target
+   <= 1.01x.
+3. Whole process for a 4-epoch run (start-up, logging, model upload included):
+   `python train.py model=resnet18 scheduler=cosine trainer.max_epochs=4` against
+   `python benchmarks/bare_loop.py --epochs 4`. Target <= 1.10x.
+4. Start-up: from launching `python train.py` to its first training step. Target <= 4 s.
+5. Model upload: mlflow.pytorch.log_model with pip requirements given (as tunelab does) against
+   letting MLflow infer them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bare_loop  # noqa: E402
+from common import ROOT, say  # noqa: E402
+
+
+def tunelab_pieces(logger):
+    """The objects run.train builds for resnet18/digits/sgd/cosine, ready for loop.fit."""
+    from omegaconf import OmegaConf
+
+    from tunelab import data, freezing, models
+    from tunelab.schedules import build_schedule
+
+    splits = data.digits(32, models.IMAGENET_MEAN, models.IMAGENET_STD, seed=42)
+    torch.manual_seed(42)
+    model = models.torchvision_model("resnet18", 10)
+    plan = freezing.freeze(model, 0)
+    opt = torch.optim.SGD(freezing.param_groups(plan, 0.05), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    train = data.make_loader(splits.train, 64, True, 42)
+    val = data.make_loader(splits.val, 64, False, 42)
+    cfg = OmegaConf.create({"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "T_max": None, "eta_min": 0.0, "interval": "step"})
+    schedule = build_schedule(cfg, opt, len(train), 1000)
+    return dict(model=model, plan=plan, opt=opt, train=train, val=val, schedule=schedule, logger=logger, state=None)
+
+
+def tunelab_epoch(p) -> float:
+    from tunelab import freezing, loop
+
+    state = p["state"] or loop.LoopState()
+    started = time.perf_counter()
+    p["state"] = loop.fit(
+        p["model"], p["train"], p["val"], p["opt"], p["schedule"], torch.nn.CrossEntropyLoss(), p["logger"],
+        max_epochs=state.epoch + 1, device=torch.device("cpu"), state=state, progress=True,
+        train_mode=lambda: freezing.train_mode(p["model"], p["plan"]), trainable_params=p["plan"].trainable_params,
+    )
+    return time.perf_counter() - started
+
+
+def bare_pieces():
+    x, y, xv, yv = bare_loop.digits()
+    model = bare_loop.build()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=23 * 1000)
+    return dict(model=model, opt=opt, sched=sched, data=(x, y, xv, yv), epoch=0)
+
+
+def bare_epoch(p) -> float:
+    x, y, xv, yv = p["data"]
+    started = time.perf_counter()
+    bare_loop.train_epoch(p["model"], p["opt"], p["sched"], x, y, 64, p["epoch"])
+    bare_loop.validate(p["model"], xv, yv, 64)
+    p["epoch"] += 1
+    return time.perf_counter() - started
+
+
+def side_by_side(a, run_a, b, run_b, epochs: int) -> tuple[float, float]:
+    """Median epoch times of a and b, epochs alternating (the first of each dropped as warm-up)."""
+    run_a(a), run_b(b)
+    ta, tb = [], []
+    for _ in range(epochs):
+        ta.append(run_a(a))
+        tb.append(run_b(b))
+    return statistics.median(ta), statistics.median(tb)
+
+
+def whole_process(tmp: Path, runs: int) -> tuple[float, float]:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}
+    tunelab_cmd = [sys.executable, str(ROOT / "train.py"), "model=resnet18", "scheduler=cosine", "trainer.max_epochs=4", f"hydra.run.dir={tmp}/run"]
+    bare_cmd = [sys.executable, str(ROOT / "benchmarks" / "bare_loop.py"), "--epochs", "4", "--out", str(tmp / "bare.pt")]
+    subprocess.run(tunelab_cmd, env=env, cwd=tmp, capture_output=True, check=True)  # creates the database once, as any later run finds it
+    ta, tb = [], []
+    for _ in range(runs):
+        for cmd, times in ((tunelab_cmd, ta), (bare_cmd, tb)):
+            started = time.perf_counter()
+            subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, check=True)
+            times.append(time.perf_counter() - started)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def startup(tmp: Path, runs: int) -> float:
+    """Seconds from launching train.py to the log line printed right before the first step."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, str(ROOT / "train.py"), "trainer.max_epochs=1", "trainer.limit_train_batches=1",
+           "trainer.limit_val_batches=1", "logger.log_model=false", "trainer.progress=false", f"hydra.run.dir={tmp}/start"]
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            if "Training:" in line:
+                times.append(time.perf_counter() - started)
+        proc.wait()
+    return statistics.median(times)
+
+
+def model_upload(tmp: Path) -> tuple[float, float]:
+    import mlflow
+    import mlflow.pytorch
+
+    from tunelab.tracking import pip_requirements
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp / 'upload.db'}")
+    model = bare_loop.build().eval()
+    example = torch.randn(2, 3, 32, 32).numpy()
+    times = []
+    for requirements in (pip_requirements(), None):
+        with mlflow.start_run():
+            started = time.perf_counter()
+            mlflow.pytorch.log_model(model, name="model", input_example=example, pip_requirements=requirements)
+            times.append(time.perf_counter() - started)
+    return times[0], times[1]
+
+
+def verdict(ok: bool) -> str:
+    return "OK" if ok else "MISSED"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epochs", type=int, default=5, help="timed epochs per side (after one warm-up)")
+    parser.add_argument("--runs", type=int, default=2, help="whole-process runs per side")
+    args = parser.parse_args()
+    from tunelab.tracking import MlflowLogger, NullLogger
+
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        mlflow_logger = MlflowLogger(f"sqlite:///{tmp / 'epochs.db'}", "bench", log_model=False)
+        mlflow_logger.start({}, {})
+        t_tunelab, t_bare = side_by_side(tunelab_pieces(mlflow_logger), tunelab_epoch, bare_pieces(), bare_epoch, args.epochs)
+        say(f"1. epoch: tunelab {t_tunelab:.3f} s, bare loop {t_bare:.3f} s  ->  {t_tunelab / t_bare:.3f}x  (target <= 1.03)  {verdict(t_tunelab / t_bare <= 1.03)}")
+        t_logged, t_null = side_by_side(tunelab_pieces(mlflow_logger), tunelab_epoch, tunelab_pieces(NullLogger()), tunelab_epoch, args.epochs)
+        mlflow_logger.finish("FINISHED")
+        say(f"2. epoch with MLflow per-step logging {t_logged:.3f} s, without {t_null:.3f} s  ->  {t_logged / t_null:.3f}x  (target <= 1.01)  {verdict(t_logged / t_null <= 1.01)}")
+        w_tunelab, w_bare = whole_process(tmp, args.runs)
+        say(f"3. whole 4-epoch process: python train.py {w_tunelab:.1f} s, bare loop script {w_bare:.1f} s  ->  {w_tunelab / w_bare:.3f}x  (target <= 1.10)  {verdict(w_tunelab / w_bare <= 1.10)}")
+        s = startup(tmp, args.runs + 1)
+        say(f"4. start-up to the first training step: {s:.2f} s  (target <= 4 s)  {verdict(s <= 4)}")
+        given, inferred = model_upload(tmp)
+        say(f"5. log_model with pip requirements given {given:.2f} s, inferred by MLflow {inferred:.2f} s")
+
+
+if __name__ == "__main__":
+    main()

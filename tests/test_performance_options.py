@@ -1,0 +1,75 @@
+"""Behaviour of the speed options and the logging path (no timing asserts: see benchmarks/)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import metric_series, mlflow_runs
+from tunelab import loop, models, run
+from tunelab.data import make_loader
+
+
+@pytest.mark.parametrize("options", [["trainer.precision=bf16-mixed"], ["trainer.precision=16-mixed"], ["trainer.channels_last=true"]])
+def test_precision_and_channels_last_train_on_the_cpu(options, small_cfg, tracking_uri, monkeypatch):
+    seen = {}
+    real = loop.fit
+
+    def spy(model, *args, **kwargs):
+        seen["before"] = {k: v.clone() for k, v in model.state_dict().items()}
+        seen["model"] = model
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(run, "fit", spy)
+    run.train(small_cfg(*options))
+    client, runs = mlflow_runs(tracking_uri)
+    assert runs[0].info.status == "FINISHED"
+    losses = [v for _, v in metric_series(client, runs[0].info.run_id, "train/loss")]
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
+    after = seen["model"].state_dict()
+    assert any(not torch.equal(after[k], seen["before"][k]) for k in after if k.endswith("weight"))
+
+
+def test_every_step_metric_arrives_also_when_the_run_raises(small_cfg, tracking_uri, monkeypatch):
+    """log_every_n_steps=3 over 4+4 steps: partial batches are flushed at epoch end and at the failure."""
+    calls = {"n": 0}
+    real = loop.evaluate
+
+    def second_validation_fails(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", second_validation_fails)
+    with pytest.raises(RuntimeError, match="boom"):
+        run.train(small_cfg("trainer.log_every_n_steps=3"))
+    client, runs = mlflow_runs(tracking_uri)
+    assert runs[0].info.status == "FAILED"
+    for key in ("lr", "train/loss"):
+        assert [s for s, _ in metric_series(client, runs[0].info.run_id, key)] == list(range(8)), key
+
+
+def test_evaluation_does_not_change_the_model():
+    from tunelab import data
+
+    model = models.torchvision_model("resnet18", 10)
+    model.train()
+    splits = data.fake(32, [0.5] * 3, [0.5] * 3, seed=0, train_size=8, val_size=16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    metrics = loop.evaluate(model, make_loader(splits.val, 8, False, 0), torch.nn.CrossEntropyLoss(), torch.device("cpu"))
+    assert 0.0 <= metrics["val/acc"] <= 1.0
+    assert model.training  # mode restored
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # BN buffers included
+
+
+def test_in_memory_batches_are_slices_of_prepared_tensors():
+    from torch.utils.data import TensorDataset
+
+    x, y = torch.arange(10.0).view(10, 1), torch.arange(10)
+    loader = make_loader(TensorDataset(x, y), batch_size=4, shuffle=True, seed=3)
+    loader.sampler.set_epoch(1)
+    first = [b[1].tolist() for b in loader]
+    loader.sampler.set_epoch(1)
+    assert [b[1].tolist() for b in loader] == first  # same order for the same (seed, epoch)
+    assert sorted(sum(first, [])) == list(range(10)) and [len(b) for b in first] == [4, 4, 2]
