@@ -10,9 +10,12 @@ and renamed, so a kill during the write leaves the previous one intact; it loads
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import queue
 import random
+import threading
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -38,6 +41,44 @@ def save_atomic(obj: Any, path: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+class Writer:
+    """Writes checkpoints in a background thread, in order, so training does not wait for the disk.
+
+    `submit` takes a snapshot (tensors copied) and returns; `close` waits until everything is
+    written and re-raises a write error. At most two checkpoints wait at a time.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def submit(self, obj: Any, path: Path) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="tunelab-checkpoints", daemon=True)
+            self._thread.start()
+        self._queue.put((copy.deepcopy(obj), path))
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            try:
+                save_atomic(*item)
+            except BaseException as err:  # reported by close()
+                self.error = self.error or err
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise RuntimeError(f"could not write a checkpoint: {error}") from error
 
 
 def rng_state() -> dict:

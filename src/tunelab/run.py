@@ -170,6 +170,9 @@ def train(cfg: DictConfig) -> float:
         require(not changed, f"trainer.resume={cfg.trainer.resume}: the config differs from the checkpoint's in " + "; ".join(changed[:6]))
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     device = select_device(cfg.trainer.device)
+    log.info("Instantiating logger <%s>", cfg.logger._target_)
+    logger = build(cfg.logger, "logger")
+    logger.connect_in_background()  # importing MLflow and opening the store overlap data and model building
 
     spec = models.input_spec(cfg.model)
     image_size = max(cfg.data.image_size, spec.min_size)
@@ -236,8 +239,6 @@ def train(cfg: DictConfig) -> float:
         scaler.load_state_dict(saved["scaler"])
         log.info("Resuming from %s at epoch %d, batch %d (optimizer step %d)", resume_from, state.epoch + 1, state.batch, state.step)
 
-    log.info("Instantiating logger <%s>", cfg.logger._target_)
-    logger = build(cfg.logger, "logger")
     if saved is not None and saved.get("run_id"):
         logger.resume(saved["run_id"])
     else:
@@ -245,10 +246,12 @@ def train(cfg: DictConfig) -> float:
         logger.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         logger.log_text(plan.table() + "\n", "stages.txt")
 
+    writer = checkpoints.Writer()
+
     def save(loop_state: LoopState, is_best: bool) -> None:
         if run_dir is None:
             return
-        checkpoints.save_atomic(
+        writer.submit(
             {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                 "scaler": scaler.state_dict(), "rng": checkpoints.rng_state(), "loop": loop_state.to_dict(),
@@ -257,7 +260,7 @@ def train(cfg: DictConfig) -> float:
             run_dir / checkpoints.LAST,
         )
         if is_best:
-            checkpoints.save_atomic({"model": model.state_dict(), "epoch": loop_state.epoch, cfg.monitor: loop_state.best}, run_dir / checkpoints.BEST)
+            writer.submit({"model": model.state_dict(), "epoch": loop_state.epoch, cfg.monitor: loop_state.best}, run_dir / checkpoints.BEST)
 
     if saved is not None:
         checkpoints.set_rng_state(saved["rng"])
@@ -278,6 +281,7 @@ def train(cfg: DictConfig) -> float:
             status = "FINISHED"
         except (Interrupted, KeyboardInterrupt):
             status = "KILLED"
+            writer.close()
             if run_dir is not None and (run_dir / checkpoints.LAST).is_file():
                 print(f"\nStopped. Continue this run with:\n  {resume_command(run_dir)}\n", file=sys.stderr)
             if stop.signal is not None:
@@ -285,6 +289,7 @@ def train(cfg: DictConfig) -> float:
             raise
         finally:
             try:
+                writer.close()
                 _log_results(logger, state.history, steps_per_epoch, model if status == "FINISHED" else None, splits)
             finally:
                 logger.finish(status)

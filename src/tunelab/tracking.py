@@ -117,6 +117,9 @@ class NullLogger:
     run_id: str | None = None
     log_model_enabled = False
 
+    def connect_in_background(self) -> None:
+        pass
+
     def start(self, params: Mapping[str, Any], tags: Mapping[str, str]) -> None:
         pass
 
@@ -159,6 +162,31 @@ class MlflowLogger(NullLogger):
         self._pending: list = []
         self._skip: dict[str, int] = {}
         self._uri = None
+        self._connector: threading.Thread | None = None
+        self._connect_error: BaseException | None = None
+        self._experiment_id = None
+
+    def connect_in_background(self) -> None:
+        """Import MLflow and open the store in a thread while the run builds its data and model;
+        `start`/`resume` wait for it (and report its error) before any training step."""
+
+        def connect() -> None:
+            try:
+                self._experiment_id = self._connect()
+            except BaseException as err:
+                self._connect_error = err
+
+        self._connector = threading.Thread(target=connect, name="tunelab-mlflow-connect", daemon=True)
+        self._connector.start()
+
+    def _connected(self) -> str:
+        if self._connector is None:
+            return self._connect()
+        self._connector.join()
+        self._connector = None
+        if self._connect_error is not None:
+            raise self._connect_error
+        return self._experiment_id
 
     def _connect(self) -> str:
         """Client and experiment; fails within seconds, naming the URI, when the store is unreachable."""
@@ -191,7 +219,7 @@ class MlflowLogger(NullLogger):
         import mlflow
         from mlflow.entities import Param
 
-        experiment_id = self._connect()
+        experiment_id = self._connected()
         tags = {**process_tags(), **tags, **({"mlflow.runName": self.run_name} if self.run_name else {})}
         run = self._client.create_run(experiment_id, tags=tags)
         self.run_id = run.info.run_id
@@ -205,7 +233,7 @@ class MlflowLogger(NullLogger):
         """Continue an existing run: RUNNING again, and metrics it already holds are not sent twice."""
         import mlflow
 
-        self._connect()
+        self._connected()
         try:
             run = self._client.get_run(run_id)
         except Exception:
