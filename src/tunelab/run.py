@@ -174,6 +174,14 @@ def train(cfg: DictConfig) -> float:
     logger = build(cfg.logger, "logger")
     logger.connect_in_background()  # importing MLflow and opening the store overlap data and model building
 
+    try:
+        return _train(cfg, logger, device, saved, resume_from, run_dir, params)
+    except BaseException:
+        logger.wait_for_connection()
+        raise
+
+
+def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, run_dir, params) -> float:
     spec = models.input_spec(cfg.model)
     image_size = max(cfg.data.image_size, spec.min_size)
     if image_size != cfg.data.image_size:

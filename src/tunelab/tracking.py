@@ -120,6 +120,9 @@ class NullLogger:
     def connect_in_background(self) -> None:
         pass
 
+    def wait_for_connection(self) -> None:
+        pass
+
     def start(self, params: Mapping[str, Any], tags: Mapping[str, str]) -> None:
         pass
 
@@ -178,6 +181,12 @@ class MlflowLogger(NullLogger):
 
         self._connector = threading.Thread(target=connect, name="tunelab-mlflow-connect", daemon=True)
         self._connector.start()
+
+    def wait_for_connection(self) -> None:
+        """Let a background connection finish (a process must not exit while it creates the
+        tables of a new sqlite store: that would leave the store half made)."""
+        if self._connector is not None:
+            self._connector.join()
 
     def _connected(self) -> str:
         if self._connector is None:
