@@ -9,7 +9,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import compose_config, metric_series, mlflow_runs, options, run_train
+from conftest import compose_config, metric_series, mlflow_runs, options
 from tunelab import run
 from tunelab.errors import ConfigError
 from tunelab.preview import lr_series, steps_per_epoch

@@ -14,7 +14,6 @@ end of the first epoch in which they were active.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
