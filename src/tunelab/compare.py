@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Error: --parent {parent}: no such run at {uri}", file=sys.stderr)
             return 2
     out = Path(args.out or f"outputs/compare/{parent or args.experiment}")
-    report = compare_runs(client, runs, out, parent_id=parent if args.parent or not args.all else None)
+    report = compare_runs(client, runs, out, parent_id=parent)
     print(report.summary())
     print(f"wrote {report.png}, {report.markdown} and {report.csv}")
     return 0

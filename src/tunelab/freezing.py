@@ -25,7 +25,7 @@ _CLASSIFIERS = ("classifier", "head", "fc", "last_linear")
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d)
 
 
-@dataclass
+@dataclass(eq=False)
 class Stage:
     """A named slice of the model: its parameters (by dotted name) and its BatchNorm layers."""
 
@@ -233,7 +233,8 @@ def lr_scale(plan: FreezePlan, stage: Stage, layer_decay: float | None) -> float
     """The multiplier of a stage's lr: `layer_decay ** (stages between it and the head)`, or 1."""
     if layer_decay is None:
         return 1.0
-    return layer_decay ** (len(plan.stages) - 1 - plan.stages.index(stage))
+    position = next(i for i, s in enumerate(plan.stages) if s is stage)
+    return layer_decay ** (len(plan.stages) - 1 - position)
 
 
 def feature_cache_blocker(model: nn.Module, plan: FreezePlan, deterministic_data: bool, unfreeze_every: int) -> str | None:
@@ -309,9 +310,7 @@ def param_groups(plan: FreezePlan, lr: float, layer_decay: float | None = None) 
     if layer_decay is None:
         return [{"name": "all", "params": [p for s in trainable for p in s.params.values()]}]
     require(0.0 < layer_decay <= 1.0, f"optimizer.layer_decay must be in (0, 1], got {layer_decay}")
-    last = len(plan.stages) - 1
-    index = {id(s): i for i, s in enumerate(plan.stages)}
     return [
-        {"name": s.name, "params": list(s.params.values()), "lr": lr * layer_decay ** (last - index[id(s)])}
+        {"name": s.name, "params": list(s.params.values()), "lr": lr * lr_scale(plan, s, layer_decay)}
         for s in reversed(trainable)
     ]

@@ -188,9 +188,15 @@ def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, ru
         log.info("data.image_size raised from %d to %d, the smallest input %s accepts", cfg.data.image_size, image_size, cfg.model.name)
     log.info("Instantiating data <%s>", cfg.data.dataset._target_)
     splits = build(cfg.data.dataset, "data", image_size=image_size, mean=list(spec.mean), std=list(spec.std), seed=cfg.seed)
-    loader_args = dict(batch_size=cfg.data.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
-    train_loader = data_lib.make_loader(splits.train, shuffle=True, limit_batches=cfg.trainer.limit_train_batches, **loader_args)
-    val_loader = data_lib.make_loader(splits.val, shuffle=False, limit_batches=cfg.trainer.limit_val_batches, **loader_args)
+    def loaders(train, val):
+        """Shuffled training and ordered validation batches, cut to trainer.limit_*_batches."""
+        args = dict(batch_size=cfg.data.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+        return (
+            data_lib.make_loader(train, shuffle=True, limit_batches=cfg.trainer.limit_train_batches, **args),
+            data_lib.make_loader(val, shuffle=False, limit_batches=cfg.trainer.limit_val_batches, **args),
+        )
+
+    train_loader, val_loader = loaders(splits.train, splits.val)
     log.info("Data: %d train / %d val images, %d classes, %dx%d px", len(splits.train), len(splits.val), len(splits.classes), image_size, image_size)
 
     log.info("Instantiating model <%s> (%s)", cfg.model._target_, cfg.model.name)
@@ -218,9 +224,7 @@ def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, ru
         if blocker is None:
             log.info("Computing the frozen backbone's features once (freeze.cache_features)")
             trained = model.get_submodule(model.head_names[0])
-            cached = [freezing.head_inputs(model, ds, device) for ds in (splits.train, splits.val)]
-            fit_train = data_lib.make_loader(cached[0], shuffle=True, limit_batches=cfg.trainer.limit_train_batches, **loader_args)
-            fit_val = data_lib.make_loader(cached[1], shuffle=False, limit_batches=cfg.trainer.limit_val_batches, **loader_args)
+            fit_train, fit_val = loaders(*(freezing.head_inputs(model, ds, device) for ds in (splits.train, splits.val)))
         elif plan.frozen == len(plan.stages) - 1:
             log.info("Features are not cached: %s", blocker)
 
@@ -319,8 +323,6 @@ def resume_command(run_dir: Path) -> str:
 
 def checkpoint_dir(cfg: DictConfig):
     """`trainer.checkpoint_dir`, else the Hydra run folder; None when neither exists (tests)."""
-    from pathlib import Path
-
     from hydra.core.hydra_config import HydraConfig
 
     if cfg.trainer.get("checkpoint_dir"):
