@@ -30,7 +30,8 @@ def _sweep(tmp_path, *args):
 
 
 def _table(sweep_dir):
-    with open(sweep_dir / "comparison.csv") as f:
+    """The comparison's per-run table."""
+    with open(sweep_dir / "comparison_runs.csv") as f:
         return list(csv.DictReader(f))
 
 
@@ -59,7 +60,7 @@ def test_sweep_groups_children_under_one_parent_with_a_comparison(tmp_path):
     assert [c for c in table[0] if c in ("scheduler", "freeze.depth")] == ["scheduler", "freeze.depth"]
     _check_table_matches_children(client, kids, table)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"comparison.png", "comparison.csv", "comparison.md"} <= artifacts
+    assert {"comparison.png", "comparison.csv", "comparison_runs.csv", "comparison.md"} <= artifacts
     assert (sweep_dir / "comparison.png").stat().st_size > 20_000
     assert "Winner:" in proc.stdout and "mlflow ui --backend-store-uri" in proc.stdout
 

@@ -1,12 +1,18 @@
-"""Compare runs: which scheduler and which freeze depth won, and by how much.
+"""Compare runs: which scheduler and which freeze depth won, and by more than the noise or not.
 
     python -m tunelab.compare                          # the latest sweep of experiment "tunelab"
     python -m tunelab.compare --parent RUN_ID          # one sweep
     python -m tunelab.compare --experiment NAME --out outputs/compare   # every run of an experiment
 
-Writes comparison.csv, comparison.md and comparison.png (LR curves per scheduler, validation
-accuracy per epoch, a heat map of the best validation accuracy over the two swept keys, and the
-ranking) to the output folder and, for a sweep, logs them to the parent run. Made automatically at
+Runs whose overrides differ only by `seed` and/or `data.fold` are repeats of one configuration.
+Per configuration the comparison gives n, the mean, the standard deviation and the 95 % confidence
+interval (Student t) of the best and the final val/acc; configurations are ranked by their mean best
+val/acc, and each one is tested against the winner (see RULE).
+
+Writes comparison.csv (one row per configuration), comparison_runs.csv (one row per run),
+comparison.md and comparison.png (LR curves per scheduler, mean validation accuracy per epoch, a heat
+map of the mean best validation accuracy over the two swept keys, and the ranking with its
+intervals) to the output folder and, for a sweep, logs them to the parent run. Made automatically at
 the end of every `-m` sweep.
 """
 
@@ -20,9 +26,19 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+from scipy import stats
+
 log = logging.getLogger(__name__)
 
 METRIC = "val/acc"
+#: Override keys that repeat a configuration instead of making a new one.
+REPEAT_KEYS = ("seed", "data.fold")
+ALPHA = 0.05
+RULE = (f"each configuration's best {METRIC} is compared with the winner's by a paired t-test over runs with the same "
+        f"seed and fold (when at least 2 pairs match), otherwise by Welch's t-test (when both have n >= 2); "
+        f"distinguishable when p < {ALPHA}")
+NOT_DISTINGUISHABLE = "not distinguishable"
 
 
 @dataclass
@@ -33,6 +49,8 @@ class Row:
     name: str
     status: str
     overrides: dict[str, str]
+    seed: str
+    fold: str
     best: float
     final: float
     best_loss: float
@@ -48,31 +66,113 @@ class Row:
 
 
 @dataclass
+class Stats:
+    """n, mean, sample standard deviation and 95 % interval of some values; NaN where n is too small."""
+
+    n: int
+    mean: float
+    sd: float
+    ci_low: float
+    ci_high: float
+
+    @property
+    def half_width(self) -> float:
+        return (self.ci_high - self.ci_low) / 2
+
+
+def describe(values: list[float]) -> Stats:
+    """mean ± t(0.975, n-1) * sd / sqrt(n); sd with ddof=1. One value has no sd and no interval."""
+    n = len(values)
+    if n == 0:
+        return Stats(0, math.nan, math.nan, math.nan, math.nan)
+    mean = float(np.mean(values))
+    if n == 1:
+        return Stats(1, mean, math.nan, math.nan, math.nan)
+    sd = float(np.std(values, ddof=1))
+    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return Stats(n, mean, sd, mean - half, mean + half)
+
+
+@dataclass
+class Config:
+    """The runs of one configuration: the same overrides but for the repeat keys."""
+
+    values: dict[str, str]
+    runs: list[Row]
+    rank: int | None = None
+    p: float = math.nan
+    test: str = ""
+    verdict: str = ""
+
+    @property
+    def finished(self) -> list[Row]:
+        return [r for r in self.runs if r.ok]
+
+    @property
+    def failed(self) -> list[Row]:
+        return [r for r in self.runs if not r.ok]
+
+    @property
+    def best(self) -> Stats:
+        return describe([r.best for r in self.finished])
+
+    @property
+    def final(self) -> Stats:
+        return describe([r.final for r in self.finished])
+
+
+@dataclass
 class Report:
     rows: list[Row]
     swept: list[str]
+    configs: list[Config]
     csv: Path
+    runs_csv: Path
     markdown: Path
     png: Path
 
-    def ranked(self) -> list[Row]:
-        return sorted((r for r in self.rows if r.ok), key=lambda r: -r.best)
+    def ranked(self) -> list[Config]:
+        return [c for c in self.configs if c.rank is not None]
 
-    def label(self, row: Row) -> str:
-        return ", ".join(f"{k}={row.overrides.get(k, '')}" for k in self.swept) or row.name
+    def label(self, config: Config) -> str:
+        if self.swept:
+            return ", ".join(f"{k}={config.values[k]}" for k in self.swept)
+        fixed = {k: v for k, v in config.runs[0].overrides.items() if k not in REPEAT_KEYS}
+        return " ".join(f"{k}={v}" for k, v in fixed.items()) or "(no overrides)"
+
+    def run_label(self, config: Config, row: Row) -> str:
+        """The configuration's label, with the run's seed and fold when the configuration was repeated."""
+        repeat = ", ".join(f"{k}={v}" for k, v in (("seed", row.seed), ("fold", row.fold)) if v)
+        return self.label(config) + (f" ({repeat})" if repeat and len(config.runs) > 1 else "")
 
     def summary(self) -> str:
         ranked = self.ranked()
-        failed = [r for r in self.rows if not r.ok]
+        failed = [(c, r) for c in self.configs for r in c.failed]
         if not ranked:
-            return f"No run finished ({len(failed)} failed)."
-        win = ranked[0]
-        text = f"Winner: {self.label(win)}  best {METRIC} {win.best:.4f}"
-        if len(ranked) > 1:
-            text += f", {win.best - ranked[1].best:+.4f} over {self.label(ranked[1])} ({ranked[1].best:.4f})"
+            text = f"No run finished ({len(failed)} failed)."
+        else:
+            win = ranked[0]
+            text = f"Winner: {self.label(win)}  mean best {METRIC} {_mean_and_interval(win.best)}"
+            if len(ranked) == 1:
+                text += "; one configuration only: not distinguishable against itself, nothing else to compare it with"
+            else:
+                text += "; " + self._versus_text(ranked[1])
+            if len(ranked) > 2:
+                close = sum(c.verdict == NOT_DISTINGUISHABLE for c in ranked[1:])
+                text += f"\n{close} of the {len(ranked) - 1} other configurations are {NOT_DISTINGUISHABLE} from the winner."
+            text += f"\nRule: {RULE}."
         if failed:
-            text += f"\n{len(failed)} of {len(self.rows)} runs failed: " + "; ".join(f"{self.label(r)}: {r.error or r.status}" for r in failed)
+            text += f"\n{len(failed)} of {len(self.rows)} runs failed: " + "; ".join(f"{self.run_label(c, r)}: {r.error or r.status}" for c, r in failed)
         return text
+
+    def _versus_text(self, other: Config) -> str:
+        """How the winner relates to `other`, in words."""
+        name, gap = self.label(other), self.ranked()[0].best.mean - other.best.mean
+        if other.verdict == NOT_DISTINGUISHABLE:
+            return f"{NOT_DISTINGUISHABLE} from {name} ({gap:.4f} ahead, {other.test}, {_p_text(other.p)})"
+        if other.verdict == "distinguishable":
+            return f"distinguishable from {name}, {gap:.4f} ahead ({other.test}, {_p_text(other.p)})"
+        return f"{gap:.4f} ahead of {name}, too few runs to tell whether that is more than noise"
 
 
 def parse_overrides(text: str) -> dict[str, str]:
@@ -98,11 +198,14 @@ def _row(client, run) -> Row:
     lrs = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "lr"), key=lambda m: m.step)]
     curve = [m.value for m in history]
     end = run.info.end_time or run.info.start_time
+    overrides = parse_overrides(run.data.tags.get("overrides", ""))
     return Row(
         run_id=run.info.run_id,
         name=run.info.run_name or run.info.run_id[:8],
         status=run.info.status,
-        overrides=parse_overrides(run.data.tags.get("overrides", "")),
+        overrides=overrides,
+        seed=overrides.get("seed", run.data.params.get("seed", "")),
+        fold=overrides.get("data.fold", run.data.params.get("data.fold", "")),
         best=max(curve) if curve else math.nan,
         final=curve[-1] if curve else math.nan,
         best_loss=min(losses) if losses else math.nan,
@@ -115,32 +218,160 @@ def _row(client, run) -> Row:
 
 
 def swept_keys(rows: list[Row]) -> list[str]:
-    """Override keys whose value differs between runs, scheduler and freeze first."""
-    keys = {k for r in rows for k in r.overrides}
+    """Override keys whose value differs between runs, scheduler and freeze first; not the repeat keys."""
+    keys = {k for r in rows for k in r.overrides if k not in REPEAT_KEYS}
     varying = [k for k in keys if len({r.overrides.get(k) for r in rows}) > 1]
     order = {"scheduler": 0, "freeze": 1, "freeze.depth": 2}
     return sorted(varying, key=lambda k: (order.get(k, 9), k))
 
 
-def _fmt(value: float) -> str:
-    return "" if math.isnan(value) else f"{value:.4f}"
+def group(rows: list[Row], swept: list[str]) -> list[Config]:
+    """One Config per combination of swept values, in the order the runs started."""
+    configs: dict[tuple, Config] = {}
+    for r in rows:
+        values = {k: r.overrides.get(k, "") for k in swept}
+        configs.setdefault(tuple(values.values()), Config(values, [])).runs.append(r)
+    return list(configs.values())
+
+
+def rank(configs: list[Config]) -> list[Config]:
+    """Rank by mean best val/acc and test each configuration against the winner; those with no
+    finished run come last, unranked."""
+    ranked = sorted((c for c in configs if c.finished), key=lambda c: -c.best.mean)
+    for i, config in enumerate(ranked, start=1):
+        config.rank = i
+    if len(ranked) == 1:
+        ranked[0].verdict = f"{NOT_DISTINGUISHABLE} (one configuration only)"
+    elif ranked:
+        ranked[0].verdict = "winner"
+        for config in ranked[1:]:
+            config.p, config.test, config.verdict = versus(ranked[0], config)
+    unfinished = [c for c in configs if not c.finished]
+    for config in unfinished:
+        config.verdict = "no finished run"
+    return ranked + unfinished
+
+
+def versus(winner: Config, other: Config) -> tuple[float, str, str]:
+    """p-value, test and verdict for `other`'s best val/acc against the winner's (RULE).
+
+    A spread of zero leaves t undefined (0/0) or infinite: p is then 1 when the values are equal
+    and 0 when they are not, instead of scipy's NaN.
+    """
+    pairs = _pairs(winner, other)
+    a, b = [r.best for r in winner.finished], [r.best for r in other.finished]
+    if len(pairs) >= 2:
+        differences = [x - y for _, x, y in pairs]
+        if np.ptp(differences) == 0:
+            p = 1.0 if differences[0] == 0 else 0.0
+        else:
+            p = float(stats.ttest_rel([x for _, x, _ in pairs], [y for _, _, y in pairs]).pvalue)
+        test = f"paired t-test over {len(pairs)} {_pairs_word([key for key, _, _ in pairs])}"
+    elif len(a) >= 2 and len(b) >= 2:
+        if np.ptp(a) == 0 and np.ptp(b) == 0:
+            p = 1.0 if a[0] == b[0] else 0.0
+        else:
+            p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+        test = "Welch's t-test"
+    else:
+        return math.nan, "", "too few runs to tell"
+    return p, test, "distinguishable" if p < ALPHA else NOT_DISTINGUISHABLE
+
+
+def _pairs(winner: Config, other: Config) -> list[tuple[tuple[str, str], float, float]]:
+    """((seed, fold), winner's best, other's best) for each repeat both finished; none when a
+    (seed, fold) occurs twice within one configuration, since the pairing is then ambiguous."""
+    mine = {(r.seed, r.fold): r.best for r in winner.finished}
+    theirs = {(r.seed, r.fold): r.best for r in other.finished}
+    if len(mine) < len(winner.finished) or len(theirs) < len(other.finished):
+        return []
+    return [(key, mine[key], theirs[key]) for key in mine if key in theirs]
+
+
+def _pairs_word(keys: list[tuple[str, str]]) -> str:
+    seeds, folds = len({seed for seed, _ in keys}), len({fold for _, fold in keys})
+    if seeds > 1 and folds > 1:
+        return "seed/fold pairs"
+    return "folds" if folds > 1 else "seeds"
+
+
+def _fmt(value: float, digits: int = 4) -> str:
+    return "" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _p_text(p: float) -> str:
+    return "p<0.001" if p < 0.001 else f"p={p:.2g}"
+
+
+def _mean_and_interval(s: Stats) -> str:
+    if s.n < 2:
+        return f"{s.mean:.4f} (n=1, no interval)"
+    return f"{s.mean:.4f} ± {s.half_width:.4f} (95 % CI, n={s.n})"
 
 
 def write_tables(report: Report) -> None:
-    rows = report.ranked() + [r for r in report.rows if not r.ok]
-    header = ["rank", *report.swept, f"best {METRIC}", f"final {METRIC}", "best val/loss", "epochs", "seconds", "status", "error", "run_id"]
+    """comparison.csv (one row per configuration), comparison_runs.csv (one row per run) and comparison.md."""
+    stat_names = ("mean", "sd", "ci_low", "ci_high")
+    header = ["rank", *report.swept, "n", *(f"best {METRIC} {s}" for s in stat_names), *(f"final {METRIC} {s}" for s in stat_names),
+              "difference to winner", "p vs winner", "test", "verdict", "failed", "run_ids"]
+    top = report.ranked()[0].best.mean if report.ranked() else math.nan
     with open(report.csv, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
-        for i, r in enumerate(rows):
-            writer.writerow([i + 1 if r.ok else "", *(r.overrides.get(k, "") for k in report.swept), _fmt(r.best), _fmt(r.final),
+        for c in report.configs:
+            best, final = c.best, c.final
+            writer.writerow([c.rank or "", *c.values.values(), best.n,
+                             *(_fmt(v, 6) for v in (best.mean, best.sd, best.ci_low, best.ci_high)),
+                             *(_fmt(v, 6) for v in (final.mean, final.sd, final.ci_low, final.ci_high)),
+                             _fmt(best.mean - top, 6), "" if math.isnan(c.p) else f"{c.p:.4g}", c.test, c.verdict,
+                             len(c.failed), " ".join(r.run_id for r in c.runs)])
+
+    run_header = ["rank", *report.swept, "seed", "fold", f"best {METRIC}", f"final {METRIC}", "best val/loss", "epochs", "seconds",
+                  "status", "error", "run_id"]
+    runs = [(c, r) for c in report.configs for r in c.finished + c.failed]
+    with open(report.runs_csv, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(run_header)
+        for c, r in runs:
+            writer.writerow([c.rank if r.ok else "", *c.values.values(), r.seed, r.fold, _fmt(r.best), _fmt(r.final),
                              _fmt(r.best_loss), r.epochs, f"{r.seconds:.1f}", r.status, r.error, r.run_id])
-    lines = [report.summary().replace("\n", "\n\n"), "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for i, r in enumerate(rows):
-        cells = [str(i + 1) if r.ok else "", *(r.overrides.get(k, "") for k in report.swept), _fmt(r.best), _fmt(r.final),
-                 _fmt(r.best_loss), str(r.epochs), f"{r.seconds:.1f}", r.status, r.error.replace("|", "/"), r.run_id]
-        lines.append("| " + " | ".join(cells) + " |")
+
+    keys = report.swept or ["configuration"]  # with no swept key, the one configuration's overrides
+    table = ["rank", *keys, "n", f"best {METRIC} (mean ± 95 % CI)", "sd", f"final {METRIC} (mean ± 95 % CI)", "sd",
+             "vs winner", "p", "test", "verdict", "failed"]
+    lines = [
+        report.summary().replace("\n", "\n\n"), "",
+        f"How to read: one row per configuration over its repeats (seeds, folds), n = its finished runs; mean ± 95 % CI = "
+        f"mean ± t(0.975, n-1) · sd / √n (no sd or interval with n=1); p compares its best {METRIC} with the winner's "
+        f"(paired t-test over matching seed and fold, else Welch's t-test; alpha {ALPHA}). *{NOT_DISTINGUISHABLE}*: the "
+        f"difference is within the noise between repeats; more seeds or folds may separate them, otherwise treat them as "
+        f"equally good. One row per run: comparison_runs.csv.",
+        "", _md_row(table), "|" + "---|" * len(table),
+    ]
+    for c in report.configs:
+        best, final = c.best, c.final
+        lines.append(_md_row([str(c.rank or ""), *(list(c.values.values()) or [report.label(c)]), str(best.n), _interval_cell(best), _fmt(best.sd),
+                              _interval_cell(final), _fmt(final.sd), _signed(best.mean - top) if c.rank else "",
+                              "" if math.isnan(c.p) else f"{c.p:.3g}", c.test, c.verdict, str(len(c.failed))]))
+    failed = [(c, r) for c, r in runs if not r.ok]
+    if failed:
+        lines += ["", "Failed runs:", "", _md_row([*report.swept, "seed", "fold", "status", "error", "run_id"]), "|" + "---|" * (len(report.swept) + 5)]
+        lines += [_md_row([*c.values.values(), r.seed, r.fold, r.status, r.error, r.run_id]) for c, r in failed]
     report.markdown.write_text("\n".join(lines) + "\n")
+
+
+def _md_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cell.replace("|", "/") for cell in cells) + " |"
+
+
+def _interval_cell(s: Stats) -> str:
+    if s.n < 2:
+        return _fmt(s.mean)
+    return f"{s.mean:.4f} ± {s.half_width:.4f} [{s.ci_low:.4f}, {s.ci_high:.4f}]"
+
+
+def _signed(value: float) -> str:
+    return "" if math.isnan(value) else f"{value:+.4f}"
 
 
 def draw(report: Report):
@@ -148,17 +379,19 @@ def draw(report: Report):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    rows, swept = report.rows, report.swept
+    rows, swept, configs = report.rows, report.swept, report.configs
     fig, axes = plt.subplots(2, 2, figsize=(15, 10.5), constrained_layout=True)
     ax_lr, ax_acc, ax_heat, ax_rank = axes.flat
     key_a = swept[0] if swept else None
     key_b = swept[1] if len(swept) > 1 else None
-    values_a = sorted({r.overrides.get(key_a, "") for r in rows}, key=_sort_key) if key_a else [""]
+    values_a = sorted({c.values.get(key_a, "") for c in configs}, key=_sort_key) if key_a else [""]
     colors = {v: plt.cm.tab10(i % 10) for i, v in enumerate(values_a)}
     styles = ["-", "--", ":", "-."]
-    values_b = sorted({r.overrides.get(key_b, "") for r in rows}, key=_sort_key) if key_b else [""]
+    values_b = sorted({c.values.get(key_b, "") for c in configs}, key=_sort_key) if key_b else [""]
+
+    def color(config: Config):
+        return colors[config.values.get(key_a, "")] if key_a else "C0"
 
     shown = set()  # one LR curve per value of the first swept key (the scheduler, in a scheduler sweep)
     for r in rows:
@@ -170,30 +403,38 @@ def draw(report: Report):
     if shown:
         ax_lr.legend(fontsize=8)
 
-    for r in rows:
-        if r.curve:
-            va = r.overrides.get(key_a, "") if key_a else ""
-            vb = r.overrides.get(key_b, "") if key_b else ""
-            ax_acc.plot(range(len(r.curve)), r.curve, color=colors[va], linestyle=styles[values_b.index(vb) % len(styles)],
-                        marker="o", markersize=3, label=report.label(r))
-    ax_acc.set(title=f"{METRIC} per epoch", xlabel="epoch", ylabel=METRIC)
-    if len(rows) <= 24:
+    for c in configs:
+        curves = [r.curve for r in c.finished if r.curve]
+        if not curves:
+            continue
+        padded = np.full((len(curves), max(map(len, curves))), np.nan)
+        for i, curve in enumerate(curves):
+            padded[i, :len(curve)] = curve
+        epochs = np.arange(padded.shape[1])
+        style = styles[values_b.index(c.values.get(key_b, "")) % len(styles)] if key_b else "-"
+        ax_acc.plot(epochs, np.nanmean(padded, axis=0), color=color(c), linestyle=style, marker="o", markersize=3,
+                    label=f"{report.label(c)} (n={len(curves)})")
+        if len(curves) > 1:
+            ax_acc.fill_between(epochs, np.nanmin(padded, axis=0), np.nanmax(padded, axis=0), color=color(c), alpha=0.15)
+    ax_acc.set(title=f"Mean {METRIC} per epoch (band: min..max over the repeats)", xlabel="epoch", ylabel=METRIC)
+    if len(configs) <= 24:
         ax_acc.legend(fontsize=7, ncol=2)
 
     grid = np.full((len(values_a), len(values_b)), np.nan)
+    half = np.full_like(grid, np.nan)
     failed = np.zeros_like(grid, dtype=bool)
-    for r in rows:
-        i = values_a.index(r.overrides.get(key_a, "")) if key_a else 0
-        j = values_b.index(r.overrides.get(key_b, "")) if key_b else 0
-        if r.ok:
-            grid[i, j] = r.best if np.isnan(grid[i, j]) else max(grid[i, j], r.best)
-        else:
-            failed[i, j] = True
+    for c in configs:
+        i = values_a.index(c.values.get(key_a, "")) if key_a else 0
+        j = values_b.index(c.values.get(key_b, "")) if key_b else 0
+        best = c.best
+        if best.n and (np.isnan(grid[i, j]) or best.mean > grid[i, j]):  # the better one where several share a cell
+            grid[i, j], half[i, j] = best.mean, best.half_width
+        failed[i, j] |= not best.n
     image = ax_heat.imshow(grid, cmap="viridis", aspect="auto")
-    fig.colorbar(image, ax=ax_heat, label=f"best {METRIC}")
+    fig.colorbar(image, ax=ax_heat, label=f"mean best {METRIC}")
     ax_heat.set_xticks(range(len(values_b)), [_depth_label(key_b, v) for v in values_b])
     ax_heat.set_yticks(range(len(values_a)), values_a)
-    ax_heat.set(xlabel=key_b or "", ylabel=key_a or "", title=f"Best {METRIC}" + (f": {key_a} x {key_b}" if key_b else ""))
+    ax_heat.set(xlabel=key_b or "", ylabel=key_a or "", title=f"Mean best {METRIC} (± 95 % CI)" + (f": {key_a} x {key_b}" if key_b else ""))
     finite = grid[np.isfinite(grid)]
     best_cell = finite.max() if finite.size else None
     middle = (finite.min() + finite.max()) / 2 if finite.size else 0.0
@@ -201,23 +442,37 @@ def draw(report: Report):
         for j in range(grid.shape[1]):
             if np.isfinite(grid[i, j]):
                 weight = "bold" if grid[i, j] == best_cell else "normal"
-                color = "black" if grid[i, j] > middle else "white"
-                ax_heat.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", color=color, fontweight=weight)
+                text_color = "black" if grid[i, j] > middle else "white"
+                text = f"{grid[i, j]:.3f}" + (f"\n±{half[i, j]:.3f}" if np.isfinite(half[i, j]) else "")
+                ax_heat.text(j, i, text, ha="center", va="center", color=text_color, fontweight=weight, fontsize=9)
             elif failed[i, j]:
                 ax_heat.text(j, i, "failed", ha="center", va="center", color="red")
 
-    ranked = report.ranked()[:15]
+    ranked = report.ranked()[:15][::-1]
     if ranked:
-        labels = [report.label(r) for r in ranked][::-1]
-        values = [r.best for r in ranked][::-1]
-        ax_rank.barh(labels, values, color=[colors[r.overrides.get(key_a, "")] if key_a else "C0" for r in ranked][::-1])
-        low = min(values)
-        ax_rank.set_xlim(max(0.0, low - (max(values) - low) * 0.5 - 0.01), min(1.0, max(values) + 0.01))
-        for y, v in enumerate(values):
-            ax_rank.text(v, y, f" {v:.4f} ({v - ranked[0].best:+.4f})", va="center", fontsize=8)
-    ax_rank.set(title=f"Ranking by best {METRIC} (difference to the winner)", xlabel=f"best {METRIC}")
+        means = [c.best.mean for c in ranked]
+        errors = [0.0 if math.isnan(c.best.half_width) else c.best.half_width for c in ranked]
+        bars = ax_rank.barh(range(len(ranked)), means, xerr=errors, capsize=3, color=[color(c) for c in ranked],
+                            error_kw={"elinewidth": 1.2})
+        marks = {NOT_DISTINGUISHABLE: " ≈", "too few runs to tell": " ?"}
+        top = report.ranked()[0].best.mean
+        points = [means[0]]
+        for y, (c, bar) in enumerate(zip(ranked, bars)):
+            if c.verdict in marks:
+                bar.set(hatch="//", alpha=0.45)
+            dots = [r.best for r in c.finished]
+            ax_rank.scatter(dots, [y] * len(dots), color="black", s=12, zorder=3)
+            right = max(c.best.mean + errors[y], *dots)
+            ax_rank.text(right, y, f" {c.best.mean:.4f} ({c.best.mean - top:+.4f}){marks.get(c.verdict, '')}", va="center", fontsize=8)
+            points += [*dots, c.best.mean - errors[y], c.best.mean + errors[y]]
+        low, high = min(points), max(points)
+        ax_rank.set_xlim(max(0.0, low - (high - low) * 0.5 - 0.01), high + (high - low) * 0.5 + 0.01)
+        ax_rank.set_yticks(range(len(ranked)), [report.label(c) for c in ranked])
+    ax_rank.set_title(f"Ranking by mean best {METRIC} (bars: 95 % CI, dots: runs)\n"
+                      "hatched ≈: not distinguishable from the winner; ?: too few runs", fontsize=11)
+    ax_rank.set_xlabel(f"best {METRIC}")
     ax_rank.tick_params(axis="y", labelsize=8)
-    fig.suptitle(report.summary().splitlines()[0], fontsize=13)
+    fig.suptitle(report.summary().splitlines()[0].replace("; ", ";\n", 1), fontsize=12)
     return fig
 
 
@@ -235,7 +490,8 @@ def _depth_label(key: str | None, value: str) -> str:
 
 
 def compare_runs(client, runs, out_dir: Path, parent_id: str | None = None) -> Report:
-    """Build the tables and the figure for `runs`; write them to `out_dir` and log them to the parent."""
+    """Build the tables and the figure for `runs`; write them to `out_dir` and log them to the parent
+    with the winner's mean best val/acc (metric `best_val/acc`) and its label (tag `tunelab.winner`)."""
     import matplotlib.pyplot as plt
 
     from tunelab.sweep import SWEEP_TAG
@@ -243,17 +499,19 @@ def compare_runs(client, runs, out_dir: Path, parent_id: str | None = None) -> R
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [_row(client, r) for r in runs if r.data.tags.get(SWEEP_TAG) != "true"]
-    report = Report(rows, swept_keys(rows), out_dir / "comparison.csv", out_dir / "comparison.md", out_dir / "comparison.png")
+    swept = swept_keys(rows)
+    report = Report(rows, swept, rank(group(rows, swept)), out_dir / "comparison.csv", out_dir / "comparison_runs.csv",
+                    out_dir / "comparison.md", out_dir / "comparison.png")
     write_tables(report)
     fig = draw(report)
     fig.savefig(report.png, dpi=110)
     plt.close(fig)
     if parent_id:
-        for path in (report.csv, report.markdown, report.png):
+        for path in (report.csv, report.runs_csv, report.markdown, report.png):
             client.log_artifact(parent_id, str(path))
         ranked = report.ranked()
         if ranked:
-            client.log_metric(parent_id, f"best {METRIC}".replace(" ", "_"), ranked[0].best)
+            client.log_metric(parent_id, f"best {METRIC}".replace(" ", "_"), ranked[0].best.mean)
             client.set_tag(parent_id, "tunelab.winner", report.label(ranked[0]))
     return report
 
@@ -296,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or f"outputs/compare/{parent or args.experiment}")
     report = compare_runs(client, runs, out, parent_id=parent)
     print(report.summary())
-    print(f"wrote {report.png}, {report.markdown} and {report.csv}")
+    print(f"wrote {report.png}, {report.markdown}, {report.csv} and {report.runs_csv}")
     return 0
 
 

@@ -1,0 +1,204 @@
+"""The comparison's statistics, on fabricated sweeps in a sqlite MLflow store: no training."""
+
+from __future__ import annotations
+
+import csv
+import time
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+from scipy import stats
+
+from conftest import metric_series
+from tunelab import compare
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One sqlite store for the module (creating one takes seconds); each test makes its own sweep."""
+    root = tmp_path_factory.mktemp("store")
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    experiment = client.create_experiment("tunelab", artifact_location=(root / "artifacts").as_uri())
+    return client, experiment
+
+
+def _sweep(store, runs):
+    """A parent run and one child per (overrides, best val/acc per epoch, status) in `runs`."""
+    client, experiment = store
+    parent = client.create_run(experiment, tags={"tunelab.sweep": "true"}, run_name="sweep").info.run_id
+    for overrides, curve, status in runs:
+        tags = {"mlflow.parentRunId": parent, "overrides": overrides}
+        if status == "FAILED":
+            tags["tunelab.error"] = "ValueError: optimizer.lr=-1 must be positive"
+        child = client.create_run(experiment, tags=tags, run_name=overrides).info.run_id
+        now = int(time.time() * 1000)
+        metrics = [Metric("val/acc", value, now, epoch) for epoch, value in enumerate(curve)]
+        metrics += [Metric("lr", 0.1 * 0.5 ** step, now, step) for step in range(6)]
+        client.log_batch(child, metrics=metrics)
+        client.set_terminated(child, status)
+    client.set_terminated(parent, "FINISHED")
+    return client, parent
+
+
+def _curve(best, final_drop=0.01):
+    """Three epochs whose best is `best` and whose final value is `best - final_drop`."""
+    return [best - 0.2, best, best - final_drop]
+
+
+def _compare(store, runs, tmp_path):
+    client, parent = _sweep(store, runs)
+    report = compare.compare_runs(client, compare.children(client, parent), tmp_path, parent_id=parent)
+    return client, parent, report
+
+
+def _read(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _by(rows, key):
+    return {row[key]: row for row in rows}
+
+
+def _expected(values):
+    """n, mean, sd (ddof=1) and the 95 % Student t interval, straight from numpy and scipy."""
+    values = np.array(values)
+    mean, sd = values.mean(), values.std(ddof=1)
+    half = stats.t.ppf(0.975, len(values) - 1) * sd / np.sqrt(len(values))
+    return {"mean": mean, "sd": sd, "ci_low": mean - half, "ci_high": mean + half}
+
+
+def _check_stats(client, row):
+    """The row's statistics equal those of its finished runs' val/acc series, read back from MLflow."""
+    series = [[v for _, v in metric_series(client, run_id, "val/acc")] for run_id in row["run_ids"].split()]
+    finished = [s for s, run_id in zip(series, row["run_ids"].split()) if client.get_run(run_id).info.status == "FINISHED"]
+    assert int(row["n"]) == len(finished)
+    for which, values in (("best", [max(s) for s in finished]), ("final", [s[-1] for s in finished])):
+        for stat, value in _expected(values).items():
+            assert float(row[f"{which} val/acc {stat}"]) == pytest.approx(value, abs=1e-6), (which, stat)
+
+
+SEEDS = [0, 1, 2]
+COSINE = [0.95, 0.96, 0.955]
+STEP = [0.90, 0.915, 0.90]  # below cosine on every seed
+ONECYCLE = [0.97, 0.90, 0.93]  # above cosine on one seed, below on the others
+
+
+def test_statistics_ranking_and_verdicts(store, tmp_path):
+    runs = [(f"scheduler={name} seed={seed}", _curve(best, 0.01 * (seed + 1)), "FINISHED")
+            for name, bests in (("step", STEP), ("cosine", COSINE), ("onecycle", ONECYCLE)) for seed, best in zip(SEEDS, bests)]
+    runs.append(("scheduler=step seed=3", [0.5], "FAILED"))
+    client, parent, report = _compare(store, runs, tmp_path)
+
+    table = _read(tmp_path / "comparison.csv")
+    assert list(table[0])[:3] == ["rank", "scheduler", "n"]  # seed is a repeat, not a swept key
+    rows = _by(table, "scheduler")
+    assert [row["scheduler"] for row in table] == ["cosine", "onecycle", "step"]
+    for row in table:
+        _check_stats(client, row)
+    assert rows["cosine"]["verdict"] == "winner"
+    assert rows["step"]["verdict"] == "distinguishable"
+    assert float(rows["step"]["p vs winner"]) == pytest.approx(stats.ttest_rel(COSINE, STEP).pvalue, rel=1e-3)
+    assert rows["step"]["test"] == "paired t-test over 3 seeds"
+    assert rows["onecycle"]["verdict"] == "not distinguishable"
+    assert float(rows["onecycle"]["p vs winner"]) == pytest.approx(stats.ttest_rel(COSINE, ONECYCLE).pvalue, rel=1e-3)
+    assert (rows["step"]["failed"], rows["step"]["n"], len(rows["step"]["run_ids"].split())) == ("1", "3", 4)
+
+    per_run = _read(tmp_path / "comparison_runs.csv")
+    assert len(per_run) == 10 and {row["seed"] for row in per_run} == {"0", "1", "2", "3"}
+    failed = [row for row in per_run if row["status"] == "FAILED"]
+    assert len(failed) == 1 and failed[0]["rank"] == "" and "optimizer.lr=-1" in failed[0]["error"]
+
+    summary = report.summary()
+    assert summary.startswith("Winner: scheduler=cosine  mean best val/acc 0.9550 ± ")
+    assert "; not distinguishable from scheduler=onecycle (" in summary.splitlines()[0]
+    assert "paired t-test over 3 seeds" in summary.splitlines()[0]
+    assert "1 of the 2 other configurations are not distinguishable from the winner" in summary
+    assert "Rule:" in summary and "paired t-test" in summary and "0.05" in summary
+    markdown = (tmp_path / "comparison.md").read_text()
+    assert "1 of 10 runs failed" in markdown and "How to read" in markdown and "p < 0.05" in markdown
+
+    artifacts = {a.path for a in client.list_artifacts(parent)}
+    assert {"comparison.csv", "comparison_runs.csv", "comparison.md", "comparison.png"} <= artifacts
+    parent_run = client.get_run(parent)
+    assert parent_run.data.metrics["best_val/acc"] == pytest.approx(np.mean(COSINE))
+    assert parent_run.data.tags["tunelab.winner"] == "scheduler=cosine"
+
+
+def test_identical_values_per_seed_are_not_distinguishable(store, tmp_path):
+    runs = [(f"scheduler={name} seed={seed}", _curve(best), "FINISHED")
+            for name in ("step", "cosine") for seed, best in zip(SEEDS, COSINE)]
+    _, _, report = _compare(store, runs, tmp_path)
+    table = _read(tmp_path / "comparison.csv")
+    assert [row["verdict"] for row in table] == ["winner", "not distinguishable"]
+    assert float(table[1]["p vs winner"]) == 1.0
+    assert "not distinguishable from" in report.summary()
+
+
+def test_constant_but_different_groups_are_told_apart(store, tmp_path):
+    # no seed matches between the two, so Welch's test; both constant, so scipy alone would give NaN
+    runs = [(f"scheduler=cosine seed={seed}", _curve(0.95), "FINISHED") for seed in (0, 1)]
+    runs += [(f"scheduler=step seed={seed}", _curve(0.90), "FINISHED") for seed in (5, 6)]
+    _compare(store, runs, tmp_path)
+    step = _by(_read(tmp_path / "comparison.csv"), "scheduler")["step"]
+    assert (step["test"], step["p vs winner"], step["verdict"]) == ("Welch's t-test", "0", "distinguishable")
+
+
+def test_unmatched_seeds_use_welchs_test(store, tmp_path):
+    cosine, step = [0.95, 0.94, 0.96], [0.93, 0.91]
+    runs = [(f"scheduler=cosine seed={seed}", _curve(best), "FINISHED") for seed, best in zip((0, 1, 2), cosine)]
+    runs += [(f"scheduler=step seed={seed}", _curve(best), "FINISHED") for seed, best in zip((3, 4), step)]
+    client, _, _ = _compare(store, runs, tmp_path)
+    table = _read(tmp_path / "comparison.csv")
+    for row in table:
+        _check_stats(client, row)
+    step_row = _by(table, "scheduler")["step"]
+    assert step_row["test"] == "Welch's t-test"
+    assert float(step_row["p vs winner"]) == pytest.approx(stats.ttest_ind(cosine, step, equal_var=False).pvalue, rel=1e-3)
+
+
+def test_one_configuration_over_seeds_is_not_distinguishable_against_itself(store, tmp_path):
+    runs = [(f"scheduler=cosine seed={seed}", _curve(best), "FINISHED") for seed, best in zip(SEEDS, COSINE)]
+    client, _, report = _compare(store, runs, tmp_path)
+    table = _read(tmp_path / "comparison.csv")
+    assert len(table) == 1 and "seed" not in table[0]
+    _check_stats(client, table[0])
+    assert table[0]["verdict"].startswith("not distinguishable")
+    summary = report.summary()
+    assert summary.startswith("Winner: scheduler=cosine  mean best val/acc 0.9550 ± ")
+    assert "one configuration" in summary and "not distinguishable against itself" in summary
+
+
+def test_folds_and_seeds_are_repeats_of_one_configuration(store, tmp_path):
+    rng = np.random.default_rng(0)
+    runs = [(f"freeze.depth={depth} data.folds=5 seed={seed} data.fold={fold}", _curve(base + rng.normal(0, 0.01)), "FINISHED")
+            for depth, base in (("0", 0.95), ("2", 0.85)) for seed in (0, 1) for fold in (0, 1, 2)]
+    client, _, _ = _compare(store, runs, tmp_path)
+    table = _read(tmp_path / "comparison.csv")
+    assert [row["freeze.depth"] for row in table] == ["0", "2"]
+    assert [c for c in table[0] if c in ("seed", "data.fold", "data.folds", "freeze.depth")] == ["freeze.depth"]
+    for row in table:
+        _check_stats(client, row)
+    assert table[0]["n"] == "6"
+    assert (table[1]["test"], table[1]["verdict"]) == ("paired t-test over 6 seed/fold pairs", "distinguishable")
+    per_run = _read(tmp_path / "comparison_runs.csv")
+    assert sorted((row["seed"], row["fold"]) for row in per_run if row["freeze.depth"] == "2") == [
+        (s, f) for s in "01" for f in "012"]
+
+
+def test_single_runs_leave_the_statistics_blank(store, tmp_path):
+    runs = [("scheduler=cosine", _curve(0.95), "FINISHED"), ("scheduler=step", _curve(0.93), "FINISHED"),
+            ("scheduler=onecycle", [0.4], "FAILED")]
+    _, _, report = _compare(store, runs, tmp_path)
+    rows = _by(_read(tmp_path / "comparison.csv"), "scheduler")
+    assert rows["step"]["n"] == "1" and float(rows["step"]["best val/acc mean"]) == pytest.approx(0.93)
+    assert all(rows["step"][f"best val/acc {s}"] == "" for s in ("sd", "ci_low", "ci_high"))
+    assert (rows["step"]["verdict"], rows["step"]["p vs winner"]) == ("too few runs to tell", "")
+    assert (rows["onecycle"]["rank"], rows["onecycle"]["n"], rows["onecycle"]["failed"]) == ("", "0", "1")
+    assert rows["onecycle"]["verdict"] == "no finished run"
+    summary = report.summary()
+    assert "0.9500 (n=1, no interval)" in summary and "too few runs to tell" in summary
+    assert "1 of 3 runs failed: scheduler=onecycle" in summary
+    assert (tmp_path / "comparison.png").stat().st_size > 20_000
