@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -32,14 +37,19 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-def compose_config(overrides: list[str], tracking_uri: str | None = None) -> DictConfig:
-    """Compose conf/config.yaml like `python train.py OVERRIDES` does, with HydraConfig set."""
+def compose_full(overrides: list[str]) -> DictConfig:
+    """conf/config.yaml composed like `python train.py OVERRIDES` does, `hydra` node included."""
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose("config", overrides=overrides, return_hydra_config=True)
+            return compose("config", overrides=overrides, return_hydra_config=True)
     finally:
         GlobalHydra.instance().clear()
+
+
+def compose_config(overrides: list[str], tracking_uri: str | None = None) -> DictConfig:
+    """Compose conf/config.yaml like `python train.py OVERRIDES` does, with HydraConfig set."""
+    cfg = compose_full(overrides)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
@@ -90,3 +100,79 @@ def mlflow_runs(tracking_uri: str, experiment: str = "tunelab"):
 
 def metric_series(client, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+#: No telemetry or other calls out of this machine, from a run or an MLflow server.
+QUIET_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+#: The server without its GenAI job runner (a pool of huey consumers, and a folder in /dev/shm that
+#: outlives a killed server): quicker to start, and nothing left behind.
+SERVER_ENV = {**QUIET_ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+SERVER_START_S = 90
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mlflow_command() -> list[str]:
+    script = Path(sys.executable).parent / "mlflow"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "mlflow"]
+
+
+def tail(path: Path, chars: int = 3000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
+
+
+def answers(base: str) -> bool:
+    """True when an MLflow server at `base` answers /health."""
+    try:
+        with urllib.request.urlopen(f"{base}/health", timeout=2) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
+@contextmanager
+def mlflow_server(backend_uri: str, cwd: Path):
+    """`mlflow server` on 127.0.0.1 at a free port, answering /health; yields its base URL.
+
+    It serves artifacts itself (`--artifacts-destination cwd/server-artifacts`): clients upload and
+    download them over HTTP. Always stopped at the end (its whole process group: SIGTERM, then
+    SIGKILL), also when the test fails."""
+    port = free_port()
+    log = cwd / "mlflow-server.log"
+    cmd = [*mlflow_command(), "server", "--backend-store-uri", backend_uri,
+           "--artifacts-destination", (cwd / "server-artifacts").as_uri(),
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "2"]
+    env = {**os.environ, **SERVER_ENV}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while not answers(base):
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited with {proc.returncode} before answering /health:\n{tail(log)}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not answer {base}/health within {SERVER_START_S} s:\n{tail(log)}")
+            time.sleep(0.5)
+        yield base
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 15) -> None:
+    """SIGTERM the server's process group (uvicorn workers included), SIGKILL it if still there."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue

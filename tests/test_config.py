@@ -15,8 +15,9 @@ def test_every_option_composes(group, option):
 
 
 def test_every_yaml_key_is_commented():
-    """Each key line of every option file is preceded by a comment (or carries one)."""
-    for path in [CONF / "config.yaml", *CONF.glob("*/*.yaml")]:
+    """Each key line of every option file is preceded by a comment (or carries one); this covers
+    the files of Hydra's own groups too (conf/hydra/launcher/)."""
+    for path in sorted(CONF.rglob("*.yaml")):
         lines = path.read_text().splitlines()
         for i, line in enumerate(lines):
             stripped = line.strip()

@@ -20,19 +20,13 @@ import html
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 
-from conftest import ROOT, mlflow_runs, run_train
+from conftest import QUIET_ENV, ROOT, mlflow_runs, mlflow_server, run_train
 
 SWEEP = [
     "-m",
@@ -48,12 +42,6 @@ SWEEP = [
 ]
 JOBS = 4
 PARENT_TAG = "mlflow.parentRunId"
-#: No telemetry or other calls out of this machine, from the sweep or the server.
-QUIET_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
-#: The server without its GenAI job runner (a pool of huey consumers, and a folder in /dev/shm that
-#: outlives a killed server): quicker to start, and nothing left behind.
-SERVER_ENV = {**QUIET_ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-SERVER_START_S = 90
 #: Virtual-time budgets (ms) of successive attempts to dump a page the SPA has not rendered yet.
 BUDGETS_MS = (10_000, 20_000, 30_000, 45_000)
 #: A rendered 1600x1000 page is tens of KB; a blank or broken one is much smaller.
@@ -77,68 +65,6 @@ def chromium() -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def mlflow_command() -> list[str]:
-    script = Path(sys.executable).parent / "mlflow"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "mlflow"]
-
-
-def tail(path: Path, chars: int = 3000) -> str:
-    return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
-
-
-@contextmanager
-def mlflow_server(backend_uri: str, cwd: Path):
-    """`mlflow server` on 127.0.0.1 at a free port, answering /health; yields its base URL.
-    Always stopped at the end (its whole process group: SIGTERM, then SIGKILL)."""
-    port = free_port()
-    log = cwd / "mlflow-server.log"
-    cmd = [*mlflow_command(), "server", "--backend-store-uri", backend_uri,
-           "--default-artifact-root", (cwd / "server-artifacts").as_uri(),
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "2"]
-    env = {**os.environ, **SERVER_ENV}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + SERVER_START_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited with {proc.returncode} before answering /health:\n{tail(log)}")
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not answer {base}/health within {SERVER_START_S} s:\n{tail(log)}")
-            time.sleep(0.5)
-        yield base
-    finally:
-        stop(proc)
-
-
-def stop(proc: subprocess.Popen, grace_s: float = 15) -> None:
-    """SIGTERM the server's process group (uvicorn workers included), SIGKILL it if still there."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=grace_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 class Browser:

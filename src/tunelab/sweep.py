@@ -2,10 +2,15 @@
 
 `MlflowSweepCallback` (a Hydra callback, enabled in conf/config.yaml) opens the parent run when a
 multirun starts and tells the jobs its id through the environment variable `TUNELAB_PARENT_RUN_ID`
-and a file `parent_run_id` in the sweep folder (so jobs in other processes, joblib or submitit,
-find it too). When the sweep ends it builds the comparison (tunelab.compare), logs it to the parent
-and writes it to the sweep folder. A job that fails is recorded as a FAILED child with its error,
-and the sweep goes on.
+and a file `parent_run_id` in the sweep folder (jobs in other processes inherit the variable: joblib
+workers, submitit's local jobs and SLURM jobs under sbatch's default `--export=ALL`; a job started
+without it, e.g. under `--export=NONE`, reads the file on the shared file system). When the sweep
+ends it builds the comparison (tunelab.compare), logs it to the parent and writes it to the sweep
+folder. A job that fails is recorded as a FAILED child with its error, and the sweep goes on.
+
+The process that launched the sweep ends the parent KILLED when it exits early: on Ctrl-C, and on
+SIGTERM or SIGHUP (a closed terminal, `kill`) while those still have their default action. Jobs
+already handed to a cluster keep running and still log as children of that parent.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +57,26 @@ def parent_run_id() -> str | None:
         return None
     if os.environ.get(PARENT_ENV):
         return os.environ[PARENT_ENV]
-    marker = Path(HydraConfig.get().runtime.output_dir).parent / PARENT_FILE
+    marker = _sweep_folder(HydraConfig.get()) / PARENT_FILE
     return marker.read_text().strip() if marker.is_file() else None
+
+
+def _sweep_folder(hydra_cfg: DictConfig) -> Path:
+    """The sweep folder of a job: its absolute output folder less the `hydra.sweep.subdir` part
+    (which may span several levels, e.g. an override_dirname holding a path)."""
+    job_dir = Path(str(hydra_cfg.runtime.output_dir))
+    levels = len(Path(str(hydra_cfg.sweep.subdir)).parts)
+    return job_dir.parents[levels - 1] if levels else job_dir
+
+
+#: Signals that end the launching process (the parent run then ends KILLED) where they would
+#: otherwise kill it without running exit handlers; an ignored signal (nohup) stays ignored.
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _exit_on_signal(signum, frame) -> None:
+    log.warning("%s received: the sweep stops and its parent run ends KILLED", signal.Signals(signum).name)
+    raise SystemExit(128 + signum)
 
 
 class MlflowSweepCallback(Callback):
@@ -62,6 +86,7 @@ class MlflowSweepCallback(Callback):
         self.parent_id: str | None = None
         self.client = None
         self.uri = None
+        self._signals: list[int] = []
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from tunelab.tracking import process_tags
@@ -76,8 +101,9 @@ class MlflowSweepCallback(Callback):
         run = self.client.create_run(experiment_id, tags=tags, run_name=f"sweep {sweep_dir.name}: {overrides}"[:250])
         self.parent_id = run.info.run_id
         os.environ[PARENT_ENV] = self.parent_id
-        (sweep_dir / PARENT_FILE).write_text(self.parent_id)
         atexit.register(self._end_if_open, "KILLED")
+        self._exit_on_signals()
+        (sweep_dir / PARENT_FILE).write_text(self.parent_id)
         log.info("Sweep parent run %s (MLflow %s)", self.parent_id, self.uri)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -97,6 +123,20 @@ class MlflowSweepCallback(Callback):
         finally:
             self._end_if_open(status)
             os.environ.pop(PARENT_ENV, None)
+            for signum in self._signals:
+                signal.signal(signum, signal.SIG_DFL)
+            self._signals = []
+
+    def _exit_on_signals(self) -> None:
+        """Turn SIGTERM/SIGHUP into SystemExit in the launching process, so that `atexit` ends the
+        parent run (the jobs' own handlers, see tunelab.run, take over while a job trains here)."""
+        for signum in _STOP_SIGNALS:
+            try:
+                if signal.getsignal(signum) is signal.SIG_DFL:
+                    signal.signal(signum, _exit_on_signal)
+                    self._signals.append(signum)
+            except ValueError:  # not the main thread
+                return
 
     def _end_if_open(self, status: str) -> None:
         if self.parent_id is not None:
