@@ -60,6 +60,9 @@ CATALOGUE = {
     "unreachable tracking server": (["logger.tracking_uri=http://127.0.0.1:{port}"], "127.0.0.1", 2),
     "resume path that does not exist": (["trainer.resume={root}/runs/none/last.pt"], "trainer.resume", 2),
     "warmup longer than the run": (["scheduler.warmup_epochs=3", "trainer.max_epochs=2"], "scheduler.warmup_epochs", 2),
+    "EMA decay of 1": (["trainer.ema_decay=1"], "trainer.ema_decay", 2),
+    "fold outside the folds": (["data.folds=5", "data.fold=5"], "data.fold=5", 2),
+    "early stopping without patience": (["trainer.early_stopping.patience=-1"], "trainer.early_stopping.patience", 2),
 }
 
 

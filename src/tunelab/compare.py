@@ -498,7 +498,8 @@ def compare_runs(client, runs, out_dir: Path, parent_id: str | None = None) -> R
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [_row(client, r) for r in runs if r.data.tags.get(SWEEP_TAG) != "true"]
+    trained = [r for r in runs if r.data.tags.get(SWEEP_TAG) != "true" and r.data.tags.get("tunelab.kind") != "lr_find"]
+    rows = [_row(client, r) for r in trained]
     swept = swept_keys(rows)
     report = Report(rows, swept, rank(group(rows, swept)), out_dir / "comparison.csv", out_dir / "comparison_runs.csv",
                     out_dir / "comparison.md", out_dir / "comparison.png")

@@ -8,6 +8,7 @@ Python work; file-backed sets go through a torch DataLoader with workers.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -211,6 +212,56 @@ def cifar10(
             "or set data.dataset.download=true on a machine with a network."
         ) from None
     return Splits(train, val, list(train.classes))
+
+
+def _labels(dataset: Dataset) -> torch.Tensor:
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[1]
+    if hasattr(dataset, "targets"):
+        return torch.as_tensor(dataset.targets)
+    raise ConfigError(f"data.folds: cannot split {type(dataset).__name__} into folds (it exposes no labels)")
+
+
+def _take(template: Dataset, splits: Splits, index: torch.Tensor) -> Dataset:
+    """The images `index` of train + val pooled (in that order), with `template`'s transform."""
+    train, val = splits.train, splits.val
+    if isinstance(template, TensorDataset):
+        return TensorDataset(*(torch.cat([a, b])[index] for a, b in zip(train.tensors, val.tensors)))
+    subset = copy.copy(template)
+    if hasattr(template, "samples"):  # ImageFolder
+        samples = [*train.samples, *val.samples]
+        subset.samples = subset.imgs = [samples[i] for i in index.tolist()]
+        subset.targets = [t for _, t in subset.samples]
+    elif hasattr(template, "data"):  # CIFAR-10: an array of images and a list of labels
+        import numpy as np
+
+        subset.data = np.concatenate([train.data, val.data])[index.numpy()]
+        subset.targets = [int(t) for t in torch.cat([_labels(train), _labels(val)])[index]]
+    else:
+        raise ConfigError(f"data.folds: cannot split {type(template).__name__} into folds")
+    return subset
+
+
+def kfold(splits: Splits, folds: int, fold: int, seed: int) -> Splits:
+    """Fold `fold` of a stratified `folds`-fold split of the train and val images pooled.
+
+    The validation set is that fold, the training set the other folds; the same seed gives the same
+    folds, and the K validation folds partition the pooled images. File-backed sets keep their
+    transforms (the training folds augmented, the validation fold not).
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    ok = isinstance(folds, int) and not isinstance(folds, bool) and folds >= 2
+    require(ok, f"data.folds={folds!r} must be an integer >= 2 (or null for the data option's own split)")
+    require(isinstance(fold, int) and 0 <= fold < folds, f"data.fold={fold!r} must be one of 0..{folds - 1} (data.folds={folds})")
+    labels = torch.cat([_labels(splits.train), _labels(splits.val)])
+    counts = torch.bincount(labels)
+    smallest = int(counts[counts > 0].min())
+    require(smallest >= folds, f"data.folds={folds}: a class has only {smallest} images; use at most {smallest} folds")
+    parts = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed % 2**32).split(labels.numpy(), labels.numpy())
+    train_idx, val_idx = next(part for i, part in enumerate(parts) if i == fold)
+    train_idx, val_idx = torch.as_tensor(train_idx), torch.as_tensor(val_idx)
+    return Splits(_take(splits.train, splits, train_idx), _take(splits.val, splits, val_idx), splits.classes)
 
 
 class EpochSampler(Sampler[int]):

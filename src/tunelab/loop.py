@@ -9,6 +9,7 @@ and are read once per logging interval, so a step never waits for the host.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -18,7 +19,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from tunelab.errors import ReportedError
+from tunelab.errors import ReportedError, require
 
 log = logging.getLogger(__name__)
 
@@ -60,24 +61,98 @@ class LoopState:
     seen: int = 0
     skipped: int = 0
     best: float | None = None
+    stop_reason: str | None = None
     history: History = field(default_factory=History)
 
     def to_dict(self) -> dict:
         return {
             "epoch": self.epoch, "batch": self.batch, "step": self.step, "loss_sum": self.loss_sum,
             "correct": self.correct, "seen": self.seen, "skipped": self.skipped, "best": self.best,
-            "lrs": self.history.lrs, "epochs": self.history.epochs,
+            "stop_reason": self.stop_reason, "lrs": self.history.lrs, "epochs": self.history.epochs,
         }
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "LoopState":
         history = History({k: list(v) for k, v in d["lrs"].items()}, [dict(e) for e in d["epochs"]])
         keys = ("epoch", "batch", "step", "loss_sum", "correct", "seen", "skipped", "best")
-        return cls(**{k: d[k] for k in keys}, history=history)
+        return cls(**{k: d[k] for k in keys}, stop_reason=d.get("stop_reason"), history=history)
 
 
 class Interrupted(BaseException):
     """Ctrl-C or SIGTERM asked the loop to stop; it stopped at an optimizer-step boundary."""
+
+
+class WeightEMA:
+    """An exponential moving average of a module's weights, updated after every optimizer step.
+
+    `ema = decay * ema + (1 - decay) * weights` for the trainable parameters (frozen ones never
+    change, so their average is themselves); buffers (BatchNorm statistics) are copied. Decay 0 makes
+    the average equal the raw weights. Evaluated each epoch as `val/acc_ema` and `val/loss_ema`.
+    """
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = float(decay)
+        self.source = module
+        self.module = copy.deepcopy(module).eval().requires_grad_(False)
+        self._pairs = list(zip(self.module.parameters(), module.parameters()))
+        self._buffers = list(zip(self.module.buffers(), module.buffers()))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        pairs = [(a, p) for a, p in self._pairs if p.requires_grad]
+        if pairs:
+            averages, weights = zip(*pairs)
+            torch._foreach_lerp_(list(averages), list(weights), 1.0 - self.decay)
+        for average, buffer in self._buffers:
+            average.copy_(buffer)
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.module.load_state_dict(state)
+
+
+@dataclass
+class EarlyStopping:
+    """Stop when `monitor` has not improved by more than `min_delta` for `patience` epochs.
+
+    `mode` is "min", "max", or "auto" (min for losses, max otherwise). `update` returns the reason
+    to stop, or None to go on.
+    """
+
+    patience: int
+    monitor: str = "val/acc"
+    mode: str = "auto"
+    min_delta: float = 0.0
+    best: float | None = None
+    best_epoch: int = -1
+    waited: int = 0
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.patience, int) and not isinstance(self.patience, bool) and self.patience >= 1,
+                f"trainer.early_stopping.patience={self.patience!r} must be an integer >= 1 (or null to train every epoch)")
+        require(self.mode in ("min", "max", "auto"), f"trainer.early_stopping.mode={self.mode} must be min, max or auto")
+        require(isinstance(self.min_delta, (int, float)) and self.min_delta >= 0,
+                f"trainer.early_stopping.min_delta={self.min_delta!r} must be a number >= 0")
+        if self.mode == "auto":
+            self.mode = "min" if self.monitor.endswith("loss") else "max"
+
+    def update(self, metrics: Mapping[str, float], epoch: int) -> str | None:
+        value = metrics[self.monitor]
+        better = self.best is None or (
+            value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
+        )
+        if better:
+            self.best, self.best_epoch, self.waited = value, epoch, 0
+            return None
+        self.waited += 1
+        if self.waited < self.patience:
+            return None
+        return (
+            f"{self.monitor} did not improve by more than {self.min_delta:g} for {self.patience} epochs "
+            f"(best {self.best:.4f} at epoch {self.best_epoch + 1}); stopped after epoch {epoch + 1}"
+        )
 
 
 def improved(value: float, best: float | None, monitor: str) -> bool:
@@ -110,6 +185,21 @@ def _split_outputs(outputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
 def _autocast(device: torch.device, precision: str):
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def training_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, device: torch.device, precision: str = "32",
+                  channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward one batch as training does: (loss of the main head, loss to backpropagate, logits).
+
+    The loss to backpropagate adds the auxiliary heads' losses (weighted) when the model has them.
+    """
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with _autocast(device, precision):
+        logits, aux = _split_outputs(model(x))
+        loss = loss_fn(logits.float(), y)
+        full = loss + AUX_LOSS_WEIGHT * sum(loss_fn(a.float(), y) for a in aux) if aux else loss
+    return loss, full, logits
 
 
 def evaluate(model: nn.Module, loader, loss_fn, device: torch.device, precision: str = "32", channels_last: bool = False) -> dict[str, float]:
@@ -158,6 +248,8 @@ def fit(
     save: Callable[[LoopState, bool], None] | None = None,
     save_every_n_steps: int = 0,
     stop_requested: Callable[[], bool] = lambda: False,
+    ema: WeightEMA | None = None,
+    early_stopping: EarlyStopping | None = None,
 ) -> LoopState:
     """Train until `max_epochs`, validating after each epoch; continue from `state` when given.
 
@@ -165,7 +257,8 @@ def fit(
     `schedule.after_optimizer_step()` runs after every `optimizer.step()`,
     `schedule.after_epoch(metrics)` after every validation. `save(state, is_best)` is called at the
     end of every epoch, every `save_every_n_steps` optimizer steps, and when `stop_requested()`
-    turns true (then the loop raises `Interrupted` at that step boundary).
+    turns true (then the loop raises `Interrupted` at that step boundary). `ema.update()` follows
+    every optimizer step; `early_stopping` may end the loop after an epoch (`state.stop_reason`).
     """
     from tqdm.auto import tqdm
 
@@ -175,6 +268,9 @@ def fit(
     batches = len(train_loader)
     steps_per_epoch = math.ceil(batches / accumulate)
     check_every = 1 if device.type == "cpu" else log_every
+    if early_stopping:  # a resumed run continues the count where it was
+        for past in history.epochs:
+            early_stopping.update(past, past["epoch"])
     log.info("Training: %d epochs of %d optimizer steps (%d batches each) on %s", max_epochs, steps_per_epoch, batches, device)
     for epoch in range(state.epoch, max_epochs):
         started = time.perf_counter()
@@ -217,13 +313,8 @@ def fit(
             if i < resume_at:
                 continue
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
             in_step = min(accumulate, batches - (i // accumulate) * accumulate)
-            with _autocast(device, precision):
-                logits, aux = _split_outputs(model(x))
-                loss = loss_fn(logits.float(), y)
-                full = loss + AUX_LOSS_WEIGHT * sum(loss_fn(a.float(), y) for a in aux) if aux else loss
+            loss, full, logits = training_loss(model, x, y, loss_fn, device, precision, channels_last)
             if skip_nonfinite and not torch.isfinite(full):
                 state.skipped += 1
                 log.warning("skipped a batch with a non-finite loss at optimizer step %d (%d skipped so far)", state.step, state.skipped)
@@ -243,6 +334,8 @@ def fit(
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             schedule.after_optimizer_step()
+            if ema is not None:
+                ema.update()
             pending.append((state.step, lrs, step_loss))
             step_loss = torch.zeros((), device=device)
             state.step += 1
@@ -261,24 +354,33 @@ def fit(
         bar.close()
         metrics = {"train/loss": (loss_sum / max(seen, 1)).item(), "train/acc": correct.item() / max(seen, 1)}
         metrics.update(evaluate(model, val_loader, loss_fn, device, precision, channels_last))
+        if ema is not None:
+            averaged = evaluate(ema.module, val_loader, loss_fn, device, precision, channels_last)
+            metrics.update({f"{key}_ema": value for key, value in averaged.items()})
         schedule.after_epoch(metrics)
-        epoch_metrics = {"train/acc": metrics["train/acc"], "val/loss": metrics["val/loss"], "val/acc": metrics["val/acc"], "trainable_params": float(trainable_params())}
+        epoch_metrics = {key: value for key, value in metrics.items() if key != "train/loss"}
+        epoch_metrics["trainable_params"] = float(trainable_params())
         if skip_nonfinite:
             epoch_metrics["train/skipped_batches"] = float(state.skipped)
         logger.log_metrics(epoch_metrics, step=epoch)
         logger.flush()
         history.epochs.append({"epoch": epoch, **metrics, "trainable_params": trainable_params(), "seconds": time.perf_counter() - started})
         log.info(
-            "epoch %d/%d  train/loss %.4f  train/acc %.4f  val/loss %.4f  val/acc %.4f  lr %.4g  %.1fs",
+            "epoch %d/%d  train/loss %.4f  train/acc %.4f  val/loss %.4f  val/acc %.4f%s  lr %.4g  %.1fs",
             epoch + 1, max_epochs, metrics["train/loss"], metrics["train/acc"], metrics["val/loss"], metrics["val/acc"],
+            f"  val/acc_ema {metrics['val/acc_ema']:.4f}" if ema is not None else "",
             optimizer.param_groups[0]["lr"], time.perf_counter() - started,
         )
         is_best = improved(metrics[monitor], state.best, monitor)
         if is_best:
             state.best = metrics[monitor]
         state.epoch, state.batch = epoch + 1, 0
+        state.stop_reason = early_stopping.update(metrics, epoch) if early_stopping else None
         loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long), 0
         checkpoint(is_best)
+        if state.stop_reason:
+            log.info("Early stopping: %s", state.stop_reason)
+            break
         if stop_requested():
             raise Interrupted(f"stopped after epoch {epoch + 1}")
     return state

@@ -33,7 +33,13 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 def steps_per_epoch(cfg: DictConfig) -> int:
     """Optimizer steps per epoch the training loop will take with this config."""
-    n = train_size(cfg.data.dataset)
+    if cfg.data.get("folds"):  # the fold sizes depend on the labels: make the split (no image is decoded)
+        from tunelab.data import kfold
+
+        splits = build(cfg.data.dataset, "data", image_size=8, mean=[0.0] * 3, std=[1.0] * 3, seed=cfg.seed)
+        n = len(kfold(splits, cfg.data.folds, cfg.data.fold, cfg.seed).train)
+    else:
+        n = train_size(cfg.data.dataset)
     require(n is not None, "the preview cannot tell how many training images this data option has; pass --steps-per-epoch N")
     batches = math.ceil(n / cfg.data.batch_size)
     if cfg.trainer.limit_train_batches is not None:
@@ -45,6 +51,7 @@ def lr_series(cfg: DictConfig, per_epoch: int) -> list[float]:
     """The lr of parameter group 0 at every optimizer step of the whole run."""
     from tunelab.run import _without
 
+    require(cfg.optimizer.lr != "auto", "optimizer.lr=auto is found by the LR range test when training starts; preview with a number (python -m tunelab.lr_find suggests one)")
     optimizer = build(_without(cfg.optimizer, "layer_decay"), "optimizer")([torch.nn.Parameter(torch.zeros(1))])
     schedule = build_schedule(cfg.scheduler, optimizer, per_epoch, cfg.trainer.max_epochs)
     flat_metrics = {m: 1.0 for m in EPOCH_METRICS}  # never improves: shows when plateau would cut

@@ -10,7 +10,9 @@ import shlex
 import signal
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -20,12 +22,14 @@ from tunelab import checkpoints
 from tunelab import data as data_lib
 from tunelab import freezing, models
 from tunelab.errors import ConfigError, build, require
-from tunelab.loop import History, Interrupted, LoopState, fit
+from tunelab.loop import EarlyStopping, History, Interrupted, LoopState, WeightEMA, fit, training_loss
 from tunelab.schedules import EPOCH_METRICS, build_schedule
 
 log = logging.getLogger(__name__)
 
 GROUPS = ("model", "scheduler", "optimizer", "freeze", "data", "trainer", "logger")
+#: Tag of a run that early stopping ended, holding the reason.
+EARLY_STOP_TAG = "tunelab.stopped_early"
 
 
 class _StopFlag:
@@ -94,7 +98,18 @@ def check_config(cfg: DictConfig) -> None:
         if positive:
             require(value > 0, f"{key}={value} must be > 0")
 
-    number("optimizer.lr", cfg.optimizer.lr, positive=True)
+    if cfg.optimizer.lr != "auto":
+        number("optimizer.lr", cfg.optimizer.lr, positive=True)
+    ema_decay = cfg.trainer.ema_decay
+    if ema_decay is not None:
+        number("trainer.ema_decay", ema_decay)
+        require(0 <= ema_decay < 1, f"trainer.ema_decay={ema_decay} must be in [0, 1) (null = no EMA); 0.999 is typical")
+    monitors = {"monitor": cfg.monitor, "trainer.early_stopping.monitor": cfg.trainer.early_stopping.monitor}
+    if cfg.scheduler.get("monitor"):
+        monitors["scheduler.monitor"] = cfg.scheduler.monitor
+    for key, name in monitors.items():
+        require(name in EPOCH_METRICS, f"{key}={name} is never logged; use one of {', '.join(EPOCH_METRICS)}")
+        require(not name.endswith("_ema") or ema_decay is not None, f"{key}={name} needs the EMA of the weights: set trainer.ema_decay (e.g. 0.999)")
     number("trainer.max_epochs", cfg.trainer.max_epochs, positive=True, integer=True)
     number("trainer.accumulate_grad_batches", cfg.trainer.accumulate_grad_batches, positive=True, integer=True)
     number("data.batch_size", cfg.data.batch_size, positive=True, integer=True)
@@ -102,7 +117,6 @@ def check_config(cfg: DictConfig) -> None:
     number("freeze.depth", cfg.freeze.depth, integer=True)
     number("seed", cfg.seed, integer=True)
     require(str(cfg.trainer.precision) in ("32", "bf16-mixed", "16-mixed"), f"trainer.precision={cfg.trainer.precision} must be 32, bf16-mixed or 16-mixed")
-    require(cfg.monitor in EPOCH_METRICS, f"monitor={cfg.monitor} is never logged; use one of {', '.join(EPOCH_METRICS)}")
     for key in ("limit_train_batches", "limit_val_batches"):
         value = cfg.trainer[key]
         if value is not None:
@@ -181,13 +195,36 @@ def train(cfg: DictConfig) -> float:
         raise
 
 
-def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, run_dir, params) -> float:
+@dataclass
+class Prepared:
+    """Data, model and freezing of a run, ready for an optimizer.
+
+    `trained` is the module the optimizer steps (the model, or only its head when the frozen
+    backbone's features are cached) and `fit_train`/`fit_val` the batches it sees.
+    """
+
+    splits: data_lib.Splits
+    model: torch.nn.Module
+    plan: freezing.FreezePlan
+    trained: torch.nn.Module
+    fit_train: object
+    fit_val: object
+    loss_fn: torch.nn.Module
+    loaders: Callable
+
+
+def prepare(cfg: DictConfig, device: torch.device) -> Prepared:
+    """Build the data (and its fold), the model with its new head, the freezing and the loss."""
     spec = models.input_spec(cfg.model)
     image_size = max(cfg.data.image_size, spec.min_size)
     if image_size != cfg.data.image_size:
         log.info("data.image_size raised from %d to %d, the smallest input %s accepts", cfg.data.image_size, image_size, cfg.model.name)
     log.info("Instantiating data <%s>", cfg.data.dataset._target_)
     splits = build(cfg.data.dataset, "data", image_size=image_size, mean=list(spec.mean), std=list(spec.std), seed=cfg.seed)
+    if cfg.data.get("folds"):
+        splits = data_lib.kfold(splits, cfg.data.folds, cfg.data.fold, cfg.seed)
+        log.info("Cross-validation: fold %d of %d is the validation set", cfg.data.fold, cfg.data.folds)
+
     def loaders(train, val):
         """Shuffled training and ordered validation batches, cut to trainer.limit_*_batches."""
         args = dict(batch_size=cfg.data.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
@@ -206,17 +243,8 @@ def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, ru
     model.to(device)
     if cfg.trainer.channels_last:
         model.to(memory_format=torch.channels_last)
-
-    layer_decay = cfg.optimizer.get("layer_decay")
-    groups = freezing.param_groups(plan, cfg.optimizer.lr, layer_decay)
-    log.info("Instantiating optimizer <%s>", cfg.optimizer._target_)
-    optimizer = build(_without(cfg.optimizer, "layer_decay"), "optimizer")(groups)
-    accumulate = cfg.trainer.accumulate_grad_batches
-    steps_per_epoch = math.ceil(len(train_loader) / accumulate)
-    schedule = build_schedule(cfg.scheduler, optimizer, steps_per_epoch, cfg.trainer.max_epochs)
     log.info("Instantiating loss <%s>", cfg.loss._target_)
     loss_fn = build(cfg.loss, "loss")
-    scaler = torch.amp.GradScaler(device.type, enabled=str(cfg.trainer.precision) == "16-mixed")
 
     trained, fit_train, fit_val = model, train_loader, val_loader
     if cfg.freeze.cache_features:
@@ -227,6 +255,90 @@ def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, ru
             fit_train, fit_val = loaders(*(freezing.head_inputs(model, ds, device) for ds in (splits.train, splits.val)))
         elif plan.frozen == len(plan.stages) - 1:
             log.info("Features are not cached: %s", blocker)
+    return Prepared(splits, model, plan, trained, fit_train, fit_val, loss_fn, loaders)
+
+
+def range_test(cfg: DictConfig, prepared: Prepared, device: torch.device):
+    """The LR range test (tunelab.lr_find) on a copy of what this config would train."""
+    from tunelab.lr_find import range_test as run_test
+
+    freezing.train_mode(prepared.model, prepared.plan)  # the copy keeps frozen BatchNorm in eval mode
+    if prepared.trained is not prepared.model:
+        prepared.trained.train()
+    groups = freezing.param_groups(prepared.plan, 1.0, cfg.optimizer.get("layer_decay"))
+    optimizer_cfg = _without(cfg.optimizer, "layer_decay")
+    optimizer_cfg.lr = 1.0
+    precision, channels_last = str(cfg.trainer.precision), cfg.trainer.channels_last
+
+    def forward(module, x, y):
+        return training_loss(module, x, y, prepared.loss_fn, device, precision, channels_last)[1]
+
+    options = cfg.lr_find
+    return run_test(
+        prepared.trained, prepared.fit_train, groups, build(optimizer_cfg, "optimizer"), prepared.loss_fn, device,
+        min_lr=options.min_lr, max_lr=options.max_lr, steps=options.steps, diverge=options.diverge,
+        forward=forward, progress=cfg.trainer.progress,
+    )
+
+
+def find_lr(cfg: DictConfig, out_dir: Path):
+    """`python -m tunelab.lr_find`: the range test alone, its plot and CSV in `out_dir`, and an MLflow run."""
+    check_config(cfg)
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
+    device = select_device(cfg.trainer.device)
+    logger = build(cfg.logger, "logger")
+    logger.connect_in_background()
+    try:
+        result = range_test(cfg, prepare(cfg, device), device)
+    finally:
+        logger.wait_for_connection()
+    fig = result.plot()
+    fig.savefig(out_dir / "lr_find.png", dpi=120)
+    result.write_csv(out_dir / "lr_find.csv")
+    logger.start(flat_config(cfg), {"tunelab.kind": "lr_find", "model": str(cfg.model.name), "mlflow.runName": f"lr_find {cfg.model.name}"})
+    status = "FAILED"
+    try:
+        for step, (lr, loss, smooth) in enumerate(zip(result.lrs, result.losses, result.smoothed)):
+            logger.log_metrics({"lr_find/lr": lr, "lr_find/loss": loss, "lr_find/smoothed_loss": smooth}, step=step)
+        logger.log_metrics({"lr_find/suggested_lr": result.suggestion}, step=0)
+        logger.set_tag("tunelab.lr_find.rule", result.rule)
+        logger.set_tag("tunelab.lr_find.stopped", result.stopped)
+        logger.log_figure(fig, "lr_find.png")
+        logger.log_artifact(out_dir / "lr_find.csv")
+        status = "FINISHED"
+    finally:
+        logger.finish(status)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    return result
+
+
+def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, run_dir, params) -> float:
+    prepared = prepare(cfg, device)
+    splits, model, plan, trained, loss_fn = prepared.splits, prepared.model, prepared.plan, prepared.trained, prepared.loss_fn
+    fit_train, fit_val = prepared.fit_train, prepared.fit_val
+
+    lr, lr_test = cfg.optimizer.lr, None
+    if lr == "auto" and saved is not None:
+        lr = saved["lr_used"]
+        log.info("optimizer.lr=auto: using %.4g, found by the range test before the run was interrupted", lr)
+    elif lr == "auto":
+        log.info("optimizer.lr=auto: running the LR range test first")
+        lr_test = range_test(cfg, prepared, device)
+        lr = lr_test.suggestion
+        log.info("optimizer.lr=auto: training with lr %.4g (%s)", lr, lr_test.rule)
+
+    layer_decay = cfg.optimizer.get("layer_decay")
+    groups = freezing.param_groups(plan, lr, layer_decay)
+    log.info("Instantiating optimizer <%s>", cfg.optimizer._target_)
+    optimizer_cfg = _without(cfg.optimizer, "layer_decay")
+    optimizer_cfg.lr = lr
+    optimizer = build(optimizer_cfg, "optimizer")(groups)
+    accumulate = cfg.trainer.accumulate_grad_batches
+    steps_per_epoch = math.ceil(len(fit_train) / accumulate)
+    schedule = build_schedule(cfg.scheduler, optimizer, steps_per_epoch, cfg.trainer.max_epochs)
+    scaler = torch.amp.GradScaler(device.type, enabled=str(cfg.trainer.precision) == "16-mixed")
 
     def unfreeze(epoch: int) -> None:
         every = cfg.freeze.unfreeze_every
@@ -235,6 +347,10 @@ def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, ru
             if stage is not None:
                 schedule.add_param_group(stage.name, list(stage.params.values()), freezing.lr_scale(plan, stage, layer_decay))
                 log.info("Epoch %d: unfroze %s (%d parameters); trainable now %d", epoch + 1, stage.name, stage.numel, plan.trainable_params())
+
+    ema = WeightEMA(trained, cfg.trainer.ema_decay) if cfg.trainer.ema_decay is not None else None
+    stopping = cfg.trainer.early_stopping
+    early_stopping = EarlyStopping(stopping.patience, stopping.monitor, stopping.mode, stopping.min_delta) if stopping.patience else None
 
     if cfg.trainer.compile:
         log.info("Compiling the trained module with torch.compile (the first steps are slow)")
@@ -249,14 +365,21 @@ def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, ru
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
         scaler.load_state_dict(saved["scaler"])
+        if ema is not None:
+            ema.load_state_dict(saved["ema"])
         log.info("Resuming from %s at epoch %d, batch %d (optimizer step %d)", resume_from, state.epoch + 1, state.batch, state.step)
 
     if saved is not None and saved.get("run_id"):
         logger.resume(saved["run_id"])
     else:
-        logger.start({**params, "freeze.frozen_stages": ",".join(plan.frozen_names) or "(none)"}, run_tags(cfg))
+        extra = {"freeze.frozen_stages": ",".join(plan.frozen_names) or "(none)"}
+        if cfg.optimizer.lr == "auto":
+            extra["optimizer.lr_used"] = lr
+        logger.start({**params, **extra}, run_tags(cfg))
         logger.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         logger.log_text(plan.table() + "\n", "stages.txt")
+        if lr_test is not None:
+            _log_range_test(logger, lr_test, run_dir)
 
     writer = checkpoints.Writer()
 
@@ -267,7 +390,8 @@ def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, ru
             {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                 "scaler": scaler.state_dict(), "rng": checkpoints.rng_state(), "loop": loop_state.to_dict(),
-                "frozen": plan.frozen, "run_id": logger.run_id, "config": params,
+                "frozen": plan.frozen, "run_id": logger.run_id, "config": params, "lr_used": lr,
+                **({"ema": ema.state_dict()} if ema is not None else {}),
             },
             run_dir / checkpoints.LAST,
         )
@@ -288,9 +412,11 @@ def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, ru
                 skip_nonfinite=cfg.trainer.skip_nonfinite, state=state, scaler=scaler, channels_last=cfg.trainer.channels_last,
                 train_mode=lambda: freezing.train_mode(model, plan), trainable_params=plan.trainable_params,
                 on_epoch_start=unfreeze, save=save, save_every_n_steps=cfg.trainer.checkpoint_every_n_steps or 0,
-                stop_requested=stop,
+                stop_requested=stop, ema=ema, early_stopping=early_stopping,
             )
             status = "FINISHED"
+            if state.stop_reason:
+                logger.set_tag(EARLY_STOP_TAG, state.stop_reason)
         except (Interrupted, KeyboardInterrupt):
             status = "KILLED"
             writer.close()
@@ -344,6 +470,22 @@ def _deterministic(splits, data_cfg: DictConfig) -> bool:
 
     in_memory = isinstance(splits.train, TensorDataset) and isinstance(splits.val, TensorDataset)
     return in_memory or data_cfg.dataset.get("augment") is False
+
+
+def _log_range_test(logger, result, run_dir: Path | None) -> None:
+    """The range test that chose the lr: plot and curve beside the run's other artifacts."""
+    import matplotlib.pyplot as plt
+
+    fig = result.plot()
+    logger.log_figure(fig, "lr_find.png")
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fig.savefig(run_dir / "lr_find.png", dpi=120)
+        result.write_csv(run_dir / "lr_find.csv")
+        logger.log_artifact(run_dir / "lr_find.csv")
+    plt.close(fig)
+    logger.set_tag("tunelab.lr_find.rule", result.rule)
+    logger.log_metrics({"lr_find/suggested_lr": result.suggestion}, step=0)
 
 
 def _log_results(logger, history: History, steps_per_epoch: int, model, splits) -> None:

@@ -29,7 +29,7 @@ TUNELAB_KEYS = ("interval", "warmup_epochs", "warmup_start_factor", "monitor")
 #: Param-group entries that hold a learning rate (set by the optimizer and by schedulers).
 _LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
 #: Metrics `monitor` may name (logged once per epoch).
-EPOCH_METRICS = ("val/loss", "val/acc", "train/loss", "train/acc")
+EPOCH_METRICS = ("val/loss", "val/acc", "train/loss", "train/acc", "val/loss_ema", "val/acc_ema")
 
 
 def step_decay(epoch: int, every: int = 30, factor: float = 0.1) -> float:

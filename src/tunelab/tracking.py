@@ -135,6 +135,9 @@ class NullLogger:
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         pass
 
+    def set_tag(self, key: str, value: str) -> None:
+        pass
+
     def flush(self) -> None:
         pass
 
@@ -277,6 +280,9 @@ class MlflowLogger(NullLogger):
 
     def log_text(self, text: str, name: str) -> None:
         self._client.log_text(self.run_id, text, name)
+
+    def set_tag(self, key: str, value: str) -> None:
+        self._client.set_tag(self.run_id, key, str(value)[:5000])
 
     def log_figure(self, figure, name: str) -> None:
         self._client.log_figure(self.run_id, figure, name)
