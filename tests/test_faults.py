@@ -148,7 +148,7 @@ def test_skip_nonfinite_counts_and_finishes(small_cfg, tracking_uri):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR2])  # USR2: SLURM time limit via submitit
 def test_signal_writes_a_checkpoint_and_ends_killed(sig, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     folder = tmp_path / "run"

@@ -265,25 +265,43 @@ def kfold(splits: Splits, folds: int, fold: int, seed: int) -> Splits:
 
 
 class EpochSampler(Sampler[int]):
-    """Shuffles with a generator seeded by (seed, epoch), so a resumed run sees the same order."""
+    """Shuffles with a generator seeded by (seed, epoch), so a resumed run sees the same order.
 
-    def __init__(self, size: int, seed: int, shuffle: bool):
+    In a data-parallel run it is the distributed sampler: every process draws the same order and
+    takes every `world_size`-th index from its `rank` on. With `pad=True` (training) the order is
+    first padded with its own start so that all processes get the same number of batches (they step
+    together); without (validation) every image is seen exactly once over all processes.
+    """
+
+    def __init__(self, size: int, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1, pad: bool = True):
         self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+        self.rank, self.world_size, self.pad = rank, world_size, pad
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def order(self) -> torch.Tensor:
         if not self.shuffle:
-            return torch.arange(self.size)
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return torch.randperm(self.size, generator=gen)
+            order = torch.arange(self.size)
+        else:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.size, generator=gen)
+        if self.world_size == 1:
+            return order
+        if self.pad and self.size % self.world_size:
+            extra = self.world_size - self.size % self.world_size
+            order = torch.cat([order, order.repeat(extra // max(self.size, 1) + 1)[:extra]])
+        return order[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.order().tolist())
 
     def __len__(self) -> int:
-        return self.size
+        if self.world_size == 1:
+            return self.size
+        if self.pad:
+            return -(-self.size // self.world_size)
+        return len(range(self.rank, self.size, self.world_size))
 
 
 class TensorBatches:
@@ -293,7 +311,7 @@ class TensorBatches:
         self.tensors, self.batch_size, self.sampler, self.limit = dataset.tensors, batch_size, sampler, limit
 
     def __len__(self) -> int:
-        n = -(-self.sampler.size // self.batch_size)
+        n = -(-len(self.sampler) // self.batch_size)
         return n if self.limit is None else min(n, self.limit)
 
     def __iter__(self):
@@ -327,13 +345,17 @@ def make_loader(
     num_workers: int | None = None,
     pin_memory: bool = False,
     limit_batches: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ):
     """A loader with `sampler.set_epoch(epoch)`: TensorBatches for tensors, a DataLoader otherwise.
 
-    `num_workers=None` picks min(4, cores - 1) for file-backed sets.
+    `num_workers=None` picks min(4, cores - 1) for file-backed sets. In a data-parallel run each
+    process gets its shard (`rank` of `world_size`): padded to equal length when shuffled
+    (training), every image once when not (validation).
     """
     require(batch_size > 0, f"data.batch_size must be a positive integer, got {batch_size}")
-    sampler = EpochSampler(len(dataset), seed, shuffle)
+    sampler = EpochSampler(len(dataset), seed, shuffle, rank, world_size, pad=shuffle)
     if isinstance(dataset, TensorDataset):
         return TensorBatches(dataset, batch_size, sampler, limit_batches)
     if num_workers is None:

@@ -19,6 +19,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
+from tunelab.distributed import SINGLE, Context
 from tunelab.errors import ReportedError, require
 
 log = logging.getLogger(__name__)
@@ -202,8 +203,13 @@ def training_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, d
     return loss, full, logits
 
 
-def evaluate(model: nn.Module, loader, loss_fn, device: torch.device, precision: str = "32", channels_last: bool = False) -> dict[str, float]:
-    """Mean loss and accuracy over `loader`, in eval mode under `torch.inference_mode()`."""
+def evaluate(model: nn.Module, loader, loss_fn, device: torch.device, precision: str = "32", channels_last: bool = False,
+             dist: Context = SINGLE) -> dict[str, float]:
+    """Mean loss and accuracy over `loader`, in eval mode under `torch.inference_mode()`.
+
+    In a data-parallel run each process evaluates its shard and the sums are added up, so every
+    process returns the metrics of the whole validation set.
+    """
     was_training = model.training
     model.eval()
     total_loss = torch.zeros((), device=device)
@@ -219,6 +225,9 @@ def evaluate(model: nn.Module, loader, loss_fn, device: torch.device, precision:
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
     model.train(was_training)
+    if dist.enabled:
+        sums = dist.sum(torch.stack([total_loss.double(), correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)]))
+        total_loss, correct, seen = sums[0], sums[1], int(sums[2].item())
     return {"val/loss": (total_loss / max(seen, 1)).item(), "val/acc": correct.item() / max(seen, 1)}
 
 
@@ -250,6 +259,8 @@ def fit(
     stop_requested: Callable[[], bool] = lambda: False,
     ema: WeightEMA | None = None,
     early_stopping: EarlyStopping | None = None,
+    dist: Context = SINGLE,
+    eval_model: nn.Module | None = None,
 ) -> LoopState:
     """Train until `max_epochs`, validating after each epoch; continue from `state` when given.
 
@@ -259,6 +270,9 @@ def fit(
     end of every epoch, every `save_every_n_steps` optimizer steps, and when `stop_requested()`
     turns true (then the loop raises `Interrupted` at that step boundary). `ema.update()` follows
     every optimizer step; `early_stopping` may end the loop after an epoch (`state.stop_reason`).
+    In a data-parallel run (`dist`) the logged losses and accuracies are means over all processes,
+    `stop_requested()` is agreed on at every step, and `eval_model` (the module without its DDP
+    wrapper) is what validation runs.
     """
     from tqdm.auto import tqdm
 
@@ -267,7 +281,8 @@ def fit(
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
     batches = len(train_loader)
     steps_per_epoch = math.ceil(batches / accumulate)
-    check_every = 1 if device.type == "cpu" else log_every
+    check_every = 1 if device.type == "cpu" and not dist.enabled else log_every
+    eval_model = eval_model or model
     if early_stopping:  # a resumed run continues the count where it was
         for past in history.epochs:
             early_stopping.update(past, past["epoch"])
@@ -292,7 +307,8 @@ def fit(
             """Read the pending step losses once, check them, and hand everything to the logger."""
             if not pending:
                 return
-            losses = torch.stack([loss for _, _, loss in pending]).tolist()
+            stacked = torch.stack([loss for _, _, loss in pending])
+            losses = (dist.sum(stacked) / dist.world_size if dist.enabled else stacked).tolist()
             for (s, lrs, _), value in zip(pending, losses):
                 if not math.isfinite(value):
                     raise NonFiniteLossError(
@@ -305,7 +321,11 @@ def fit(
             logger.flush()
 
         def checkpoint(is_best: bool = False) -> None:
-            state.loss_sum, state.correct, state.seen = loss_sum.item(), int(correct.item()), seen
+            if dist.enabled:  # rank 0 saves the sums of all processes (the others restart from zero)
+                sums = dist.sum(torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)]))
+                state.loss_sum, state.correct, state.seen = sums[0].item(), int(sums[1].item()), int(sums[2].item())
+            else:
+                state.loss_sum, state.correct, state.seen = loss_sum.item(), int(correct.item()), seen
             if save:
                 save(state, is_best)
 
@@ -343,7 +363,7 @@ def fit(
             bar.update()
             if len(pending) >= log_every or (check_every == 1 and not math.isfinite(pending[-1][2].item())):
                 drain()
-            stop = stop_requested()
+            stop = dist.any(stop_requested())
             if stop or (save_every_n_steps and state.step % save_every_n_steps == 0):
                 drain()
                 checkpoint()
@@ -352,10 +372,14 @@ def fit(
                     raise Interrupted(f"stopped after optimizer step {state.step - 1} (epoch {epoch + 1})")
         drain()
         bar.close()
-        metrics = {"train/loss": (loss_sum / max(seen, 1)).item(), "train/acc": correct.item() / max(seen, 1)}
-        metrics.update(evaluate(model, val_loader, loss_fn, device, precision, channels_last))
+        if dist.enabled:
+            sums = dist.sum(torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)]))
+            metrics = {"train/loss": (sums[0] / max(sums[2], 1)).item(), "train/acc": (sums[1] / max(sums[2], 1)).item()}
+        else:
+            metrics = {"train/loss": (loss_sum / max(seen, 1)).item(), "train/acc": correct.item() / max(seen, 1)}
+        metrics.update(evaluate(eval_model, val_loader, loss_fn, device, precision, channels_last, dist))
         if ema is not None:
-            averaged = evaluate(ema.module, val_loader, loss_fn, device, precision, channels_last)
+            averaged = evaluate(ema.module, val_loader, loss_fn, device, precision, channels_last, dist)
             metrics.update({f"{key}_ema": value for key, value in averaged.items()})
         schedule.after_epoch(metrics)
         epoch_metrics = {key: value for key, value in metrics.items() if key != "train/loss"}
@@ -381,6 +405,6 @@ def fit(
         if state.stop_reason:
             log.info("Early stopping: %s", state.stop_reason)
             break
-        if stop_requested():
+        if dist.any(stop_requested()):
             raise Interrupted(f"stopped after epoch {epoch + 1}")
     return state

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tunelab import checkpoints
 from tunelab import data as data_lib
-from tunelab import freezing, models
+from tunelab import distributed, freezing, models
 from tunelab.errors import ConfigError, build, require
 from tunelab.loop import EarlyStopping, History, Interrupted, LoopState, WeightEMA, fit, training_loss
 from tunelab.schedules import EPOCH_METRICS, build_schedule
@@ -53,9 +53,13 @@ class _StopFlag:
 
 @contextmanager
 def _graceful_stop(flag: _StopFlag):
-    """Route SIGINT and SIGTERM to `flag` while training (main thread only; joblib threads skip)."""
+    """Route SIGINT, SIGTERM and SIGUSR2 to `flag` while training (main thread only; joblib threads skip).
+
+    SLURM jobs sent by submitit get SIGUSR2 before their time limit or on preemption: the run then
+    writes its checkpoint and ends KILLED, so `trainer.resume=auto` can continue it.
+    """
     try:
-        previous = {s: signal.signal(s, flag.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, flag.handle) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
     except ValueError:
         yield
         return
@@ -76,10 +80,15 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def select_device(name: str) -> torch.device:
-    """`auto` = CUDA when present, else CPU; `cuda` without a GPU is an error."""
+def select_device(name: str, dist: distributed.Context = distributed.SINGLE) -> torch.device:
+    """`auto` = CUDA when present, else CPU; `cuda` without a GPU is an error.
+
+    Under torchrun each process takes the GPU of its LOCAL_RANK.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if dist.enabled and name == "cuda":
+        name = f"cuda:{dist.local_rank}"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -155,13 +164,18 @@ def run_tags(cfg: DictConfig) -> dict[str, str]:
 
 
 def limit_threads_for_parallel_jobs() -> None:
-    """With the joblib launcher, share the cores among the jobs instead of each taking them all."""
+    """With the joblib launcher, share the cores among the jobs instead of each taking them all;
+    with submitit's, use the job's `cpus_per_task` (a SLURM job would otherwise see the whole node)."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
         return
     launcher = HydraConfig.get().get("launcher") or {}
-    if "joblib" not in str(launcher.get("_target_", "")):
+    target = str(launcher.get("_target_", ""))
+    if "submitit" in target and launcher.get("cpus_per_task"):
+        torch.set_num_threads(int(launcher.cpus_per_task))
+        log.info("submitit launcher: %d torch threads (hydra.launcher.cpus_per_task)", launcher.cpus_per_task)
+    if "joblib" not in target:
         return
     cores = os.cpu_count() or 1
     jobs = launcher.get("n_jobs") or 1
@@ -183,16 +197,26 @@ def train(cfg: DictConfig) -> float:
         changed = checkpoints.config_differences(saved["config"], params)
         require(not changed, f"trainer.resume={cfg.trainer.resume}: the config differs from the checkpoint's in " + "; ".join(changed[:6]))
     seed_everything(cfg.seed, cfg.trainer.deterministic)
-    device = select_device(cfg.trainer.device)
-    log.info("Instantiating logger <%s>", cfg.logger._target_)
-    logger = build(cfg.logger, "logger")
-    logger.connect_in_background()  # importing MLflow and opening the store overlap data and model building
+    dist = distributed.from_environment()
+    device = select_device(cfg.trainer.device, dist)
+    distributed.init(dist, device)
+    if dist.is_main:
+        log.info("Instantiating logger <%s>", cfg.logger._target_)
+        logger = build(cfg.logger, "logger")
+        logger.connect_in_background()  # importing MLflow and opening the store overlap data and model building
+    else:  # only rank 0 talks to MLflow and writes checkpoints; the others only train
+        from tunelab.tracking import NullLogger
+
+        logging.getLogger("tunelab").setLevel(logging.WARNING)
+        logger = NullLogger()
 
     try:
-        return _train(cfg, logger, device, saved, resume_from, run_dir, params)
+        return _train(cfg, logger, device, saved, resume_from, run_dir, params, dist)
     except BaseException:
         logger.wait_for_connection()
         raise
+    finally:
+        distributed.shutdown()
 
 
 @dataclass
@@ -213,8 +237,11 @@ class Prepared:
     loaders: Callable
 
 
-def prepare(cfg: DictConfig, device: torch.device) -> Prepared:
-    """Build the data (and its fold), the model with its new head, the freezing and the loss."""
+def prepare(cfg: DictConfig, device: torch.device, dist: distributed.Context = distributed.SINGLE) -> Prepared:
+    """Build the data (and its fold), the model with its new head, the freezing and the loss.
+
+    In a data-parallel run the loaders give this process its shard of every epoch.
+    """
     spec = models.input_spec(cfg.model)
     image_size = max(cfg.data.image_size, spec.min_size)
     if image_size != cfg.data.image_size:
@@ -227,7 +254,8 @@ def prepare(cfg: DictConfig, device: torch.device) -> Prepared:
 
     def loaders(train, val):
         """Shuffled training and ordered validation batches, cut to trainer.limit_*_batches."""
-        args = dict(batch_size=cfg.data.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+        args = dict(batch_size=cfg.data.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+                    rank=dist.rank, world_size=dist.world_size)
         return (
             data_lib.make_loader(train, shuffle=True, limit_batches=cfg.trainer.limit_train_batches, **args),
             data_lib.make_loader(val, shuffle=False, limit_batches=cfg.trainer.limit_val_batches, **args),
@@ -314,8 +342,8 @@ def find_lr(cfg: DictConfig, out_dir: Path):
     return result
 
 
-def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, run_dir, params) -> float:
-    prepared = prepare(cfg, device)
+def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, run_dir, params, dist: distributed.Context) -> float:
+    prepared = prepare(cfg, device, dist)
     splits, model, plan, trained, loss_fn = prepared.splits, prepared.model, prepared.plan, prepared.trained, prepared.loss_fn
     fit_train, fit_val = prepared.fit_train, prepared.fit_val
 
@@ -325,9 +353,10 @@ def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, ru
         log.info("optimizer.lr=auto: using %.4g, found by the range test before the run was interrupted", lr)
     elif lr == "auto":
         log.info("optimizer.lr=auto: running the LR range test first")
-        lr_test = range_test(cfg, prepared, device)
-        lr = lr_test.suggestion
-        log.info("optimizer.lr=auto: training with lr %.4g (%s)", lr, lr_test.rule)
+        if dist.is_main:  # on rank 0's shard; every process then trains with its suggestion
+            lr_test = range_test(cfg, prepared, device)
+        lr = dist.broadcast(lr_test.suggestion if lr_test else 0.0)
+        log.info("optimizer.lr=auto: training with lr %.4g (%s)", lr, lr_test.rule if lr_test else "rank 0's range test")
 
     layer_decay = cfg.optimizer.get("layer_decay")
     groups = freezing.param_groups(plan, lr, layer_decay)
@@ -346,6 +375,8 @@ def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, ru
             stage = freezing.unfreeze_next(plan)
             if stage is not None:
                 schedule.add_param_group(stage.name, list(stage.params.values()), freezing.lr_scale(plan, stage, layer_decay))
+                if dist.enabled:
+                    stepped.rewrap()  # DDP averages only the parameters that were trainable when it was built
                 log.info("Epoch %d: unfroze %s (%d parameters); trainable now %d", epoch + 1, stage.name, stage.numel, plan.trainable_params())
 
     ema = WeightEMA(trained, cfg.trainer.ema_decay) if cfg.trainer.ema_decay is not None else None
@@ -355,10 +386,13 @@ def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, ru
     if cfg.trainer.compile:
         log.info("Compiling the trained module with torch.compile (the first steps are slow)")
         trained = torch.compile(trained)
+    stepped = distributed.DataParallel(trained, device) if dist.enabled else trained
 
     state = LoopState()
     if saved is not None:
         state = LoopState.from_dict(saved["loop"])
+        if not dist.is_main:  # rank 0 carries the epoch's sums so far
+            state.loss_sum, state.correct, state.seen = 0.0, 0, 0
         for epoch in range(state.epoch + (1 if state.batch else 0)):
             unfreeze(epoch)  # replay gradual unfreezing so the optimizer has the saved groups
         model.load_state_dict(saved["model"])
@@ -384,7 +418,7 @@ def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, ru
     writer = checkpoints.Writer()
 
     def save(loop_state: LoopState, is_best: bool) -> None:
-        if run_dir is None:
+        if run_dir is None or not dist.is_main:
             return
         writer.submit(
             {
@@ -405,14 +439,14 @@ def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, ru
         status = "FAILED"
         try:
             fit(
-                trained, fit_train, fit_val, optimizer, schedule, loss_fn, logger,
+                stepped, fit_train, fit_val, optimizer, schedule, loss_fn, logger,
                 max_epochs=cfg.trainer.max_epochs, device=device, accumulate=accumulate,
-                precision=str(cfg.trainer.precision), progress=cfg.trainer.progress,
+                precision=str(cfg.trainer.precision), progress=cfg.trainer.progress and dist.is_main,
                 log_every=cfg.trainer.log_every_n_steps, monitor=cfg.monitor,
                 skip_nonfinite=cfg.trainer.skip_nonfinite, state=state, scaler=scaler, channels_last=cfg.trainer.channels_last,
                 train_mode=lambda: freezing.train_mode(model, plan), trainable_params=plan.trainable_params,
                 on_epoch_start=unfreeze, save=save, save_every_n_steps=cfg.trainer.checkpoint_every_n_steps or 0,
-                stop_requested=stop, ema=ema, early_stopping=early_stopping,
+                stop_requested=stop, ema=ema, early_stopping=early_stopping, dist=dist, eval_model=trained,
             )
             status = "FINISHED"
             if state.stop_reason:
@@ -420,15 +454,16 @@ def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, ru
         except (Interrupted, KeyboardInterrupt):
             status = "KILLED"
             writer.close()
-            if run_dir is not None and (run_dir / checkpoints.LAST).is_file():
-                print(f"\nStopped. Continue this run with:\n  {resume_command(run_dir)}\n", file=sys.stderr)
+            if dist.is_main and run_dir is not None and (run_dir / checkpoints.LAST).is_file():
+                print(f"\nStopped. Continue this run with:\n  {resume_command(run_dir, dist.world_size)}\n", file=sys.stderr)
             if stop.signal is not None:
                 raise SystemExit(128 + stop.signal) from None
             raise
         finally:
             try:
                 writer.close()
-                _log_results(logger, state.history, steps_per_epoch, model if status == "FINISHED" else None, splits)
+                if dist.is_main:
+                    _log_results(logger, state.history, steps_per_epoch, model if status == "FINISHED" else None, splits)
             finally:
                 logger.finish(status)
     best = state.history.best(cfg.monitor)
@@ -436,7 +471,7 @@ def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, ru
     return best
 
 
-def resume_command(run_dir: Path) -> str:
+def resume_command(run_dir: Path, processes: int = 1) -> str:
     """The command that continues this run from its last checkpoint, in the same folder."""
     from hydra.core.hydra_config import HydraConfig
 
@@ -444,7 +479,8 @@ def resume_command(run_dir: Path) -> str:
     if HydraConfig.initialized():
         overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("trainer.resume=", "hydra.run.dir="))]
     args = [*overrides, "trainer.resume=auto", f"hydra.run.dir={run_dir}"]
-    return "python train.py " + " ".join(shlex.quote(a) for a in args)
+    launcher = f"torchrun --nproc_per_node={processes}" if processes > 1 else "python"
+    return f"{launcher} train.py " + " ".join(shlex.quote(a) for a in args)
 
 
 def checkpoint_dir(cfg: DictConfig):
