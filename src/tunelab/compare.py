@@ -417,8 +417,15 @@ def draw(report: Report):
         if len(curves) > 1:
             ax_acc.fill_between(epochs, np.nanmin(padded, axis=0), np.nanmax(padded, axis=0), color=color(c), alpha=0.15)
     ax_acc.set(title=f"Mean {METRIC} per epoch (band: min..max over the repeats)", xlabel="epoch", ylabel=METRIC)
-    if len(configs) <= 24:
+    if len(configs) <= 8:
         ax_acc.legend(fontsize=7, ncol=2)
+    elif key_a:  # many lines: name the colors and the line styles once instead of every line
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], color=colors[v], label=f"{key_a}={v}") for v in values_a]
+        if key_b:
+            handles += [Line2D([], [], color="0.3", linestyle=styles[i % len(styles)], label=f"{key_b}={v}") for i, v in enumerate(values_b)]
+        ax_acc.legend(handles=handles, fontsize=7, ncol=2, loc="lower right")
 
     grid = np.full((len(values_a), len(values_b)), np.nan)
     half = np.full_like(grid, np.nan)
