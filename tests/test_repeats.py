@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from conftest import metric_series, mlflow_runs
+from conftest import metric_series, mlflow_runs, options
 from tunelab import data, loop, run
 from tunelab.errors import ConfigError
 
@@ -106,7 +106,7 @@ def test_early_stopping_counts_epochs_without_improvement():
         loop.EarlyStopping(patience=0)
 
 
-@pytest.mark.parametrize("scheduler", ["plateau", "cosine", "onecycle", "step"])
+@pytest.mark.parametrize("scheduler", options("scheduler"))
 def test_early_stopping_ends_a_plateaued_run_finished_with_the_reason(small_cfg, tracking_uri, scheduler):
     # lr 1e-12 on the head alone: the weights do not move, so val/acc is the same every epoch
     cfg = small_cfg(f"scheduler={scheduler}", "freeze=head", "optimizer.lr=1e-12", "trainer.max_epochs=6",
