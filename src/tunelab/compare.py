@@ -502,10 +502,11 @@ def compare_runs(client, runs, out_dir: Path, parent_id: str | None = None) -> R
     import matplotlib.pyplot as plt
 
     from tunelab.sweep import SWEEP_TAG
+    from tunelab.tracking import KIND_TAG
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    trained = [r for r in runs if r.data.tags.get(SWEEP_TAG) != "true" and r.data.tags.get("tunelab.kind") != "lr_find"]
+    trained = [r for r in runs if r.data.tags.get(SWEEP_TAG) != "true" and r.data.tags.get(KIND_TAG) != "lr_find"]
     rows = [_row(client, r) for r in trained]
     swept = swept_keys(rows)
     report = Report(rows, swept, rank(group(rows, swept)), out_dir / "comparison.csv", out_dir / "comparison_runs.csv",

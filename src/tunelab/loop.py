@@ -93,7 +93,6 @@ class WeightEMA:
 
     def __init__(self, module: nn.Module, decay: float):
         self.decay = float(decay)
-        self.source = module
         self.module = copy.deepcopy(module).eval().requires_grad_(False)
         self._pairs = list(zip(self.module.parameters(), module.parameters()))
         self._buffers = list(zip(self.module.buffers(), module.buffers()))
@@ -203,6 +202,15 @@ def training_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, d
     return loss, full, logits
 
 
+def _all_processes(dist: Context, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, device: torch.device):
+    """(loss sum, correct count, images seen) added up over the processes of a data-parallel run;
+    on one process, the values as given."""
+    if not dist.enabled:
+        return loss_sum, correct, seen
+    sums = dist.sum(torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)]))
+    return sums[0], sums[1], int(sums[2].item())
+
+
 def evaluate(model: nn.Module, loader, loss_fn, device: torch.device, precision: str = "32", channels_last: bool = False,
              dist: Context = SINGLE) -> dict[str, float]:
     """Mean loss and accuracy over `loader`, in eval mode under `torch.inference_mode()`.
@@ -225,9 +233,7 @@ def evaluate(model: nn.Module, loader, loss_fn, device: torch.device, precision:
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
     model.train(was_training)
-    if dist.enabled:
-        sums = dist.sum(torch.stack([total_loss.double(), correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)]))
-        total_loss, correct, seen = sums[0], sums[1], int(sums[2].item())
+    total_loss, correct, seen = _all_processes(dist, total_loss, correct, seen, device)
     return {"val/loss": (total_loss / max(seen, 1)).item(), "val/acc": correct.item() / max(seen, 1)}
 
 
@@ -321,11 +327,9 @@ def fit(
             logger.flush()
 
         def checkpoint(is_best: bool = False) -> None:
-            if dist.enabled:  # rank 0 saves the sums of all processes (the others restart from zero)
-                sums = dist.sum(torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)]))
-                state.loss_sum, state.correct, state.seen = sums[0].item(), int(sums[1].item()), int(sums[2].item())
-            else:
-                state.loss_sum, state.correct, state.seen = loss_sum.item(), int(correct.item()), seen
+            # in a data-parallel run rank 0 saves the sums of all processes (the others restart from zero)
+            total_loss, total_correct, total_seen = _all_processes(dist, loss_sum, correct, seen, device)
+            state.loss_sum, state.correct, state.seen = total_loss.item(), int(total_correct.item()), total_seen
             if save:
                 save(state, is_best)
 
@@ -372,11 +376,8 @@ def fit(
                     raise Interrupted(f"stopped after optimizer step {state.step - 1} (epoch {epoch + 1})")
         drain()
         bar.close()
-        if dist.enabled:
-            sums = dist.sum(torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)]))
-            metrics = {"train/loss": (sums[0] / max(sums[2], 1)).item(), "train/acc": (sums[1] / max(sums[2], 1)).item()}
-        else:
-            metrics = {"train/loss": (loss_sum / max(seen, 1)).item(), "train/acc": correct.item() / max(seen, 1)}
+        total_loss, total_correct, total_seen = _all_processes(dist, loss_sum, correct, seen, device)
+        metrics = {"train/loss": (total_loss / max(total_seen, 1)).item(), "train/acc": total_correct.item() / max(total_seen, 1)}
         metrics.update(evaluate(eval_model, val_loader, loss_fn, device, precision, channels_last, dist))
         if ema is not None:
             averaged = evaluate(ema.module, val_loader, loss_fn, device, precision, channels_last, dist)

@@ -49,10 +49,10 @@ def steps_per_epoch(cfg: DictConfig) -> int:
 
 def lr_series(cfg: DictConfig, per_epoch: int) -> list[float]:
     """The lr of parameter group 0 at every optimizer step of the whole run."""
-    from tunelab.run import _without
+    from tunelab.run import optimizer_factory
 
     require(cfg.optimizer.lr != "auto", "optimizer.lr=auto is found by the LR range test when training starts; preview with a number (python -m tunelab.lr_find suggests one)")
-    optimizer = build(_without(cfg.optimizer, "layer_decay"), "optimizer")([torch.nn.Parameter(torch.zeros(1))])
+    optimizer = optimizer_factory(cfg.optimizer)([torch.nn.Parameter(torch.zeros(1))])
     schedule = build_schedule(cfg.scheduler, optimizer, per_epoch, cfg.trainer.max_epochs)
     flat_metrics = {m: 1.0 for m in EPOCH_METRICS}  # never improves: shows when plateau would cut
     lrs: list[float] = []

@@ -12,7 +12,6 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -24,6 +23,7 @@ from tunelab import distributed, freezing, models
 from tunelab.errors import ConfigError, build, require
 from tunelab.loop import EarlyStopping, History, Interrupted, LoopState, WeightEMA, fit, training_loss
 from tunelab.schedules import EPOCH_METRICS, build_schedule
+from tunelab.tracking import KIND_TAG
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,15 @@ def _without(node: DictConfig, *keys: str) -> DictConfig:
     return copy
 
 
+def optimizer_factory(optimizer_cfg: DictConfig, lr: float | None = None):
+    """The optimizer config built as a function of the param groups; `layer_decay` (tunelab's key,
+    not torch's) left out, and `lr` in place of `optimizer.lr` when given."""
+    partial_cfg = _without(optimizer_cfg, "layer_decay")
+    if lr is not None:
+        partial_cfg.lr = lr
+    return build(partial_cfg, "optimizer")
+
+
 def run_tags(cfg: DictConfig) -> dict[str, str]:
     """The chosen option of each group, the command-line overrides and, in a sweep, the parent run."""
     from hydra.core.hydra_config import HydraConfig
@@ -234,7 +243,6 @@ class Prepared:
     fit_train: object
     fit_val: object
     loss_fn: torch.nn.Module
-    loaders: Callable
 
 
 def prepare(cfg: DictConfig, device: torch.device, dist: distributed.Context = distributed.SINGLE) -> Prepared:
@@ -283,7 +291,7 @@ def prepare(cfg: DictConfig, device: torch.device, dist: distributed.Context = d
             fit_train, fit_val = loaders(*(freezing.head_inputs(model, ds, device) for ds in (splits.train, splits.val)))
         elif plan.frozen == len(plan.stages) - 1:
             log.info("Features are not cached: %s", blocker)
-    return Prepared(splits, model, plan, trained, fit_train, fit_val, loss_fn, loaders)
+    return Prepared(splits, model, plan, trained, fit_train, fit_val, loss_fn)
 
 
 def range_test(cfg: DictConfig, prepared: Prepared, device: torch.device):
@@ -294,8 +302,6 @@ def range_test(cfg: DictConfig, prepared: Prepared, device: torch.device):
     if prepared.trained is not prepared.model:
         prepared.trained.train()
     groups = freezing.param_groups(prepared.plan, 1.0, cfg.optimizer.get("layer_decay"))
-    optimizer_cfg = _without(cfg.optimizer, "layer_decay")
-    optimizer_cfg.lr = 1.0
     precision, channels_last = str(cfg.trainer.precision), cfg.trainer.channels_last
 
     def forward(module, x, y):
@@ -303,7 +309,7 @@ def range_test(cfg: DictConfig, prepared: Prepared, device: torch.device):
 
     options = cfg.lr_find
     return run_test(
-        prepared.trained, prepared.fit_train, groups, build(optimizer_cfg, "optimizer"), prepared.loss_fn, device,
+        prepared.trained, prepared.fit_train, groups, optimizer_factory(cfg.optimizer, 1.0), prepared.loss_fn, device,
         min_lr=options.min_lr, max_lr=options.max_lr, steps=options.steps, diverge=options.diverge,
         forward=forward, progress=cfg.trainer.progress,
     )
@@ -320,24 +326,21 @@ def find_lr(cfg: DictConfig, out_dir: Path):
         result = range_test(cfg, prepare(cfg, device), device)
     finally:
         logger.wait_for_connection()
-    fig = result.plot()
-    fig.savefig(out_dir / "lr_find.png", dpi=120)
-    result.write_csv(out_dir / "lr_find.csv")
-    logger.start(flat_config(cfg), {"tunelab.kind": "lr_find", "model": str(cfg.model.name), "mlflow.runName": f"lr_find {cfg.model.name}"})
-    status = "FAILED"
-    try:
-        for step, (lr, loss, smooth) in enumerate(zip(result.lrs, result.losses, result.smoothed)):
-            logger.log_metrics({"lr_find/lr": lr, "lr_find/loss": loss, "lr_find/smoothed_loss": smooth}, step=step)
-        logger.log_metrics({"lr_find/suggested_lr": result.suggestion}, step=0)
-        logger.set_tag("tunelab.lr_find.rule", result.rule)
-        logger.set_tag("tunelab.lr_find.stopped", result.stopped)
-        logger.log_figure(fig, "lr_find.png")
-        logger.log_artifact(out_dir / "lr_find.csv")
-        status = "FINISHED"
-    finally:
-        logger.finish(status)
-        import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt
 
+    fig = _write_range_test(result, out_dir)  # on disk before MLflow is asked for anything
+    try:
+        logger.start(flat_config(cfg), {KIND_TAG: "lr_find", "model": str(cfg.model.name), "mlflow.runName": f"lr_find {cfg.model.name}"})
+        status = "FAILED"
+        try:
+            for step, (lr, loss, smooth) in enumerate(zip(result.lrs, result.losses, result.smoothed)):
+                logger.log_metrics({"lr_find/lr": lr, "lr_find/loss": loss, "lr_find/smoothed_loss": smooth}, step=step)
+            logger.set_tag("tunelab.lr_find.stopped", result.stopped)
+            _log_range_test(logger, result, fig, out_dir)
+            status = "FINISHED"
+        finally:
+            logger.finish(status)
+    finally:
         plt.close(fig)
     return result
 
@@ -361,9 +364,7 @@ def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, ru
     layer_decay = cfg.optimizer.get("layer_decay")
     groups = freezing.param_groups(plan, lr, layer_decay)
     log.info("Instantiating optimizer <%s>", cfg.optimizer._target_)
-    optimizer_cfg = _without(cfg.optimizer, "layer_decay")
-    optimizer_cfg.lr = lr
-    optimizer = build(optimizer_cfg, "optimizer")(groups)
+    optimizer = optimizer_factory(cfg.optimizer, lr)(groups)
     accumulate = cfg.trainer.accumulate_grad_batches
     steps_per_epoch = math.ceil(len(fit_train) / accumulate)
     schedule = build_schedule(cfg.scheduler, optimizer, steps_per_epoch, cfg.trainer.max_epochs)
@@ -413,7 +414,13 @@ def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, ru
         logger.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         logger.log_text(plan.table() + "\n", "stages.txt")
         if lr_test is not None:
-            _log_range_test(logger, lr_test, run_dir)
+            import matplotlib.pyplot as plt
+
+            fig = _write_range_test(lr_test, run_dir)
+            try:
+                _log_range_test(logger, lr_test, fig, run_dir)
+            finally:
+                plt.close(fig)
 
     writer = checkpoints.Writer()
 
@@ -508,18 +515,22 @@ def _deterministic(splits, data_cfg: DictConfig) -> bool:
     return in_memory or data_cfg.dataset.get("augment") is False
 
 
-def _log_range_test(logger, result, run_dir: Path | None) -> None:
-    """The range test that chose the lr: plot and curve beside the run's other artifacts."""
-    import matplotlib.pyplot as plt
-
+def _write_range_test(result, folder: Path | None):
+    """The range test's plot (returned, for the caller to close) and, given a folder, lr_find.png and
+    lr_find.csv in it."""
     fig = result.plot()
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        fig.savefig(folder / "lr_find.png", dpi=120)
+        result.write_csv(folder / "lr_find.csv")
+    return fig
+
+
+def _log_range_test(logger, result, fig, folder: Path | None) -> None:
+    """The range test in an MLflow run: the plot, the curve's CSV (when written), the rule and the suggestion."""
     logger.log_figure(fig, "lr_find.png")
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fig.savefig(run_dir / "lr_find.png", dpi=120)
-        result.write_csv(run_dir / "lr_find.csv")
-        logger.log_artifact(run_dir / "lr_find.csv")
-    plt.close(fig)
+    if folder is not None:
+        logger.log_artifact(folder / "lr_find.csv")
     logger.set_tag("tunelab.lr_find.rule", result.rule)
     logger.log_metrics({"lr_find/suggested_lr": result.suggestion}, step=0)
 

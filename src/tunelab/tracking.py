@@ -28,6 +28,8 @@ _BATCH_LIMIT = 1000
 #: Tags MLflow's UI reads: open in the classic (not GenAI) view, and group child runs under a parent.
 EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
 PARENT_RUN_TAG = "mlflow.parentRunId"
+#: Tag of the runs that are not trainings (`lr_find` for an LR range test); comparisons skip them.
+KIND_TAG = "tunelab.kind"
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
