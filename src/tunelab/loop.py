@@ -202,6 +202,38 @@ def training_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, d
     return loss, full, logits
 
 
+class _Tally:
+    """The training loss sum, correct count and images seen of an epoch, kept on the device.
+
+    A batch only queues references (its loss and its predicted classes: one argmax kernel); `fold()`
+    adds the queued batches up in a handful of kernels, once per logging interval, so a step on a
+    GPU launches almost nothing beyond the bare loop's work.
+    """
+
+    def __init__(self, loss_sum: float, correct: int, seen: int, device: torch.device):
+        # float64: the sum is the same however the batches were grouped into folds (a resumed run
+        # folds at other steps than an uninterrupted one)
+        self.loss_sum = torch.tensor(loss_sum, dtype=torch.float64, device=device)
+        self.correct = torch.tensor(correct, dtype=torch.long, device=device)
+        self.seen = seen
+        self._losses: dict[int, list[torch.Tensor]] = {}  # batch size -> mean losses of such batches
+        self._predicted: list[torch.Tensor] = []
+        self._targets: list[torch.Tensor] = []
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        self._losses.setdefault(len(y), []).append(loss)
+        self._predicted.append(logits.argmax(1))
+        self._targets.append(y)
+        self.seen += len(y)
+
+    def fold(self) -> None:
+        for size, losses in self._losses.items():
+            self.loss_sum += torch.stack(losses).double().sum() * size
+        if self._predicted:
+            self.correct += (torch.cat(self._predicted) == torch.cat(self._targets)).sum()
+        self._losses, self._predicted, self._targets = {}, [], []
+
+
 def _all_processes(dist: Context, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, device: torch.device):
     """(loss sum, correct count, images seen) added up over the processes of a data-parallel run;
     on one process, the values as given."""
@@ -288,7 +320,7 @@ def fit(
     batches = len(train_loader)
     steps_per_epoch = math.ceil(batches / accumulate)
     check_every = 1 if device.type == "cpu" and not dist.enabled else log_every
-    eval_model = eval_model or model
+    eval_model = model if eval_model is None else eval_model  # not `or`: a compiled module has no truth value
     if early_stopping:  # a resumed run continues the count where it was
         for past in history.epochs:
             early_stopping.update(past, past["epoch"])
@@ -301,16 +333,16 @@ def fit(
         train_mode()
         train_loader.sampler.set_epoch(epoch)
         pending: list[tuple[int, dict[str, float], torch.Tensor]] = []
-        loss_sum = torch.tensor(state.loss_sum, device=device)
-        correct = torch.tensor(state.correct, device=device)
-        seen = state.seen
-        step_loss = torch.zeros((), device=device)
+        tally = _Tally(state.loss_sum, state.correct, state.seen, device)
+        step_losses: list[torch.Tensor] = []  # the main-head losses of the batches of this optimizer step
         resume_at = state.batch
         bar = tqdm(total=steps_per_epoch, initial=math.ceil(resume_at / accumulate), desc=f"epoch {epoch + 1}/{max_epochs}",
                    disable=not progress, leave=False, dynamic_ncols=True)
 
-        def drain() -> None:
-            """Read the pending step losses once, check them, and hand everything to the logger."""
+        def drain(send: bool = True) -> None:
+            """Read the pending step losses once, check them, and hand everything to the logger (which
+            sends it to the tracking store now, or with the epoch's metrics when `send` is false)."""
+            tally.fold()
             if not pending:
                 return
             stacked = torch.stack([loss for _, _, loss in pending])
@@ -324,11 +356,13 @@ def fit(
                 logger.log_metrics({**lrs, "train/loss": value}, step=s)
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{pending[-1][1]['lr']:.3g}", refresh=False)
             pending.clear()
-            logger.flush()
+            if send:
+                logger.flush()
 
         def checkpoint(is_best: bool = False) -> None:
             # in a data-parallel run rank 0 saves the sums of all processes (the others restart from zero)
-            total_loss, total_correct, total_seen = _all_processes(dist, loss_sum, correct, seen, device)
+            tally.fold()
+            total_loss, total_correct, total_seen = _all_processes(dist, tally.loss_sum, tally.correct, tally.seen, device)
             state.loss_sum, state.correct, state.seen = total_loss.item(), int(total_correct.item()), total_seen
             if save:
                 save(state, is_best)
@@ -343,14 +377,16 @@ def fit(
                 state.skipped += 1
                 log.warning("skipped a batch with a non-finite loss at optimizer step %d (%d skipped so far)", state.step, state.skipped)
             else:
-                scaler.scale(full / in_step).backward()
-                detached = loss.detach()
-                step_loss += detached / in_step
-                loss_sum += detached * len(y)
-                correct += (logits.detach().argmax(1) == y).sum()
-                seen += len(y)
+                scaler.scale(full if in_step == 1 else full / in_step).backward()
+                step_losses.append(loss.detach())
+                tally.add(step_losses[-1], logits.detach(), y)
             if (i + 1) % accumulate and i + 1 != batches:
                 continue
+            if len(step_losses) == in_step == 1:
+                step_loss = step_losses[0]
+            else:  # the mean over the step's batches (a skipped batch counts as 0, as it adds no gradient)
+                step_loss = torch.stack(step_losses).sum() / in_step if step_losses else torch.zeros((), device=device)
+            step_losses = []
             lrs = lr_metrics(optimizer)
             for name, g in zip(group_names(optimizer), optimizer.param_groups):
                 history.lrs.setdefault(name, []).append(g["lr"])
@@ -361,7 +397,6 @@ def fit(
             if ema is not None:
                 ema.update()
             pending.append((state.step, lrs, step_loss))
-            step_loss = torch.zeros((), device=device)
             state.step += 1
             state.batch = i + 1
             bar.update()
@@ -374,9 +409,9 @@ def fit(
                 if stop:
                     bar.close()
                     raise Interrupted(f"stopped after optimizer step {state.step - 1} (epoch {epoch + 1})")
-        drain()
+        drain(send=False)  # one store write per epoch end: the steps go with the epoch's metrics
         bar.close()
-        total_loss, total_correct, total_seen = _all_processes(dist, loss_sum, correct, seen, device)
+        total_loss, total_correct, total_seen = _all_processes(dist, tally.loss_sum, tally.correct, tally.seen, device)
         metrics = {"train/loss": (total_loss / max(total_seen, 1)).item(), "train/acc": total_correct.item() / max(total_seen, 1)}
         metrics.update(evaluate(eval_model, val_loader, loss_fn, device, precision, channels_last, dist))
         if ema is not None:
@@ -401,7 +436,7 @@ def fit(
             state.best = metrics[monitor]
         state.epoch, state.batch = epoch + 1, 0
         state.stop_reason = early_stopping.update(metrics, epoch) if early_stopping else None
-        loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long), 0
+        tally = _Tally(0.0, 0, 0, device)
         checkpoint(is_best)
         if state.stop_reason:
             log.info("Early stopping: %s", state.stop_reason)
