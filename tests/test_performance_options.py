@@ -10,24 +10,31 @@ from tunelab import loop, models, run
 from tunelab.data import make_loader
 
 
-@pytest.mark.parametrize("options", [["trainer.precision=bf16-mixed"], ["trainer.precision=16-mixed"], ["trainer.channels_last=true"]])
-def test_precision_and_channels_last_train_on_the_cpu(options, small_cfg, tracking_uri, monkeypatch):
+def train_and_check(cfg, tracking_uri, monkeypatch) -> dict:
+    """Train `cfg`; check the run finished with a finite loss at each of its 8 steps and the weights
+    moved. Returns what the loop was given: the model and the first training batch."""
     seen = {}
     real = loop.fit
 
-    def spy(model, *args, **kwargs):
+    def spy(model, train_loader, *args, **kwargs):
+        seen["model"], seen["batch"] = model, next(iter(train_loader))
         seen["before"] = {k: v.clone() for k, v in model.state_dict().items()}
-        seen["model"] = model
-        return real(model, *args, **kwargs)
+        return real(model, train_loader, *args, **kwargs)
 
     monkeypatch.setattr(run, "fit", spy)
-    run.train(small_cfg(*options))
+    run.train(cfg)
     client, runs = mlflow_runs(tracking_uri)
     assert runs[0].info.status == "FINISHED"
     losses = [v for _, v in metric_series(client, runs[0].info.run_id, "train/loss")]
     assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
     after = seen["model"].state_dict()
     assert any(not torch.equal(after[k], seen["before"][k]) for k in after if k.endswith("weight"))
+    return seen
+
+
+@pytest.mark.parametrize("options", [["trainer.precision=bf16-mixed"], ["trainer.precision=16-mixed"], ["trainer.channels_last=true"]])
+def test_precision_and_channels_last_train_on_the_cpu(options, small_cfg, tracking_uri, monkeypatch):
+    train_and_check(small_cfg(*options), tracking_uri, monkeypatch)
 
 
 def test_every_step_metric_arrives_also_when_the_run_raises(small_cfg, tracking_uri, monkeypatch):
@@ -73,3 +80,46 @@ def test_in_memory_batches_are_slices_of_prepared_tensors():
     loader.sampler.set_epoch(1)
     assert [b[1].tolist() for b in loader] == first  # same order for the same (seed, epoch)
     assert sorted(sum(first, [])) == list(range(10)) and [len(b) for b in first] == [4, 4, 2]
+
+
+def test_data_stays_where_it_is_without_a_gpu():
+    from torch.utils.data import TensorDataset
+
+    from tunelab.data import to_device
+
+    dataset = TensorDataset(torch.zeros(4, 1), torch.arange(4))
+    assert to_device(dataset, torch.device("cpu")) is dataset
+    loader = make_loader(dataset, batch_size=2, shuffle=False, seed=0, pin_memory=True)  # no CUDA: nothing to pin for
+    assert [b[1].tolist() for b in loader] == [[0, 1], [2, 3]]
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_in_memory_sets_are_batched_on_the_gpu_in_the_same_order():
+    from torch.utils.data import TensorDataset
+
+    from tunelab.data import to_device
+
+    x, y = torch.randn(50, 3, 8, 8), torch.arange(50)
+    on_gpu = to_device(TensorDataset(x, y), torch.device("cuda"))
+    assert all(t.is_cuda for t in on_gpu.tensors)
+    host = make_loader(TensorDataset(x, y), 16, True, 5)
+    gpu = make_loader(on_gpu, 16, True, 5)
+    for a, b in zip(host, gpu, strict=True):
+        assert b[0].is_cuda and torch.equal(a[0], b[0].cpu()) and torch.equal(a[1], b[1].cpu())
+    pinned = make_loader(TensorDataset(x, y), 16, True, 5, pin_memory=True)
+    assert all(b[0].is_pinned() for b in pinned)
+    # a set larger than the allowed share of free memory stays on the host
+    assert to_device(TensorDataset(x, y), torch.device("cuda"), share=0.0).tensors[0].device.type == "cpu"
+
+
+@cuda
+@pytest.mark.parametrize("options", [
+    ["trainer.precision=32"], ["trainer.precision=bf16-mixed", "trainer.channels_last=true"],
+    ["trainer.precision=16-mixed", "trainer.channels_last=true"], ["trainer.precision=bf16-mixed", "trainer.compile=true"],
+])
+def test_gpu_options_train_on_the_gpu(options, small_cfg, tracking_uri, monkeypatch):
+    seen = train_and_check(small_cfg("trainer.device=cuda", *options), tracking_uri, monkeypatch)
+    assert all(t.is_cuda for t in seen["batch"])  # digits moved onto the GPU once

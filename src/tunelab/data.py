@@ -305,20 +305,46 @@ class EpochSampler(Sampler[int]):
 
 
 class TensorBatches:
-    """Batches of an in-memory TensorDataset by indexing: no per-item work, no workers needed."""
+    """Batches of an in-memory TensorDataset by indexing: no per-item work, no workers needed.
 
-    def __init__(self, dataset: TensorDataset, batch_size: int, sampler: EpochSampler, limit: int | None = None):
+    Tensors on a GPU (see `to_device`) are indexed there, so a batch never crosses the bus; CPU
+    tensors bound for a GPU (`pin_memory`) are gathered into page-locked memory, so the copy to the
+    device can overlap the previous step.
+    """
+
+    def __init__(self, dataset: TensorDataset, batch_size: int, sampler: EpochSampler, limit: int | None = None,
+                 pin_memory: bool = False):
         self.tensors, self.batch_size, self.sampler, self.limit = dataset.tensors, batch_size, sampler, limit
+        self.pin_memory = pin_memory and self.tensors[0].device.type == "cpu" and torch.cuda.is_available()
 
     def __len__(self) -> int:
         n = -(-len(self.sampler) // self.batch_size)
         return n if self.limit is None else min(n, self.limit)
 
     def __iter__(self):
-        order = self.sampler.order()
+        order = self.sampler.order().to(self.tensors[0].device)
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
-            yield tuple(t[idx] for t in self.tensors)
+            batch = tuple(t[idx] for t in self.tensors)
+            yield tuple(t.pin_memory() for t in batch) if self.pin_memory else batch
+
+
+#: Share of the GPU's free memory an in-memory data set may take when it is moved there whole.
+DEVICE_DATA_SHARE = 0.25
+
+
+def to_device(dataset: Dataset, device: torch.device, share: float = DEVICE_DATA_SHARE) -> Dataset:
+    """An in-memory set moved whole onto a GPU when it takes at most `share` of the free memory
+    there (batches are then indexed on the device, no copy per step); anything else as it is."""
+    if device.type != "cuda" or not isinstance(dataset, TensorDataset):
+        return dataset
+    size = sum(t.numel() * t.element_size() for t in dataset.tensors)
+    free, _ = torch.cuda.mem_get_info(device)
+    if size > share * free:
+        log.info("In-memory data (%.0f MB) stays in host memory: more than %d%% of the GPU's free %.0f MB",
+                 size / 2**20, share * 100, free / 2**20)
+        return dataset
+    return TensorDataset(*(t.to(device) for t in dataset.tensors))
 
 
 class _LimitedLoader:
@@ -357,7 +383,7 @@ def make_loader(
     require(batch_size > 0, f"data.batch_size must be a positive integer, got {batch_size}")
     sampler = EpochSampler(len(dataset), seed, shuffle, rank, world_size, pad=shuffle)
     if isinstance(dataset, TensorDataset):
-        return TensorBatches(dataset, batch_size, sampler, limit_batches)
+        return TensorBatches(dataset, batch_size, sampler, limit_batches, pin_memory)
     if num_workers is None:
         num_workers = max(0, min(4, (os.cpu_count() or 1) - 1))
     loader = DataLoader(

@@ -9,6 +9,7 @@ import random
 import shlex
 import signal
 import sys
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+    else:  # batches share one shape (the last aside): cuDNN times its algorithms once and keeps the fastest
+        torch.backends.cudnn.benchmark = True
 
 
 def select_device(name: str, dist: distributed.Context = distributed.SINGLE) -> torch.device:
@@ -261,7 +264,9 @@ def prepare(cfg: DictConfig, device: torch.device, dist: distributed.Context = d
         log.info("Cross-validation: fold %d of %d is the validation set", cfg.data.fold, cfg.data.folds)
 
     def loaders(train, val):
-        """Shuffled training and ordered validation batches, cut to trainer.limit_*_batches."""
+        """Shuffled training and ordered validation batches, cut to trainer.limit_*_batches; small
+        in-memory sets are moved onto the GPU once."""
+        train, val = data_lib.to_device(train, device), data_lib.to_device(val, device)
         args = dict(batch_size=cfg.data.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
                     rank=dist.rank, world_size=dist.world_size)
         return (
@@ -369,6 +374,8 @@ def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, ru
     steps_per_epoch = math.ceil(len(fit_train) / accumulate)
     schedule = build_schedule(cfg.scheduler, optimizer, steps_per_epoch, cfg.trainer.max_epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=str(cfg.trainer.precision) == "16-mixed")
+    if scaler.is_enabled():  # the scaler skips the optimizer step of an overflowing batch by design; torch would warn each time
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
 
     def unfreeze(epoch: int) -> None:
         every = cfg.freeze.unfreeze_every
