@@ -302,6 +302,19 @@ class MlflowLogger(NullLogger):
         import mlflow
         import mlflow.pytorch
 
+        # The model is saved from the CPU. MLflow checks the input example by loading the model
+        # through pyfunc, which picks CUDA when a GPU is present, and a pt2 model saved on the
+        # CPU cannot be loaded there, so on a GPU machine the check would fail with a warning.
+        # A user who set MLFLOW_DEFAULT_PREDICTION_DEVICE keeps that choice.
+        user_set = "MLFLOW_DEFAULT_PREDICTION_DEVICE" in os.environ
+        os.environ.setdefault("MLFLOW_DEFAULT_PREDICTION_DEVICE", "cpu")
+        try:
+            self._log_model(mlflow, model, input_example)
+        finally:
+            if not user_set:
+                os.environ.pop("MLFLOW_DEFAULT_PREDICTION_DEVICE", None)
+
+    def _log_model(self, mlflow, model, input_example) -> None:
         with mlflow.start_run(run_id=self.run_id):
             for fmt in ("pt2", "pickle"):
                 try:
