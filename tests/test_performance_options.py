@@ -123,3 +123,48 @@ def test_in_memory_sets_are_batched_on_the_gpu_in_the_same_order():
 def test_gpu_options_train_on_the_gpu(options, small_cfg, tracking_uri, monkeypatch):
     seen = train_and_check(small_cfg("trainer.device=cuda", *options), tracking_uri, monkeypatch)
     assert all(t.is_cuda for t in seen["batch"])  # digits moved onto the GPU once
+
+
+def test_digits_are_read_and_split_without_importing_scikit_learn_once_cached(tmp_path):
+    """The first run splits with scikit-learn and caches the split; later runs read the package's
+    CSV and the cached split, never importing scikit-learn, and get the very same sets."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    script = (
+        "import sys, numpy as np\n"
+        "from tunelab import data\n"
+        "s = data.digits(8, [0.0] * 3, [1.0] * 3, seed=7)\n"
+        "np.save(sys.argv[1], s.train.tensors[1].numpy())\n"
+        "print('sklearn' in sys.modules)\n"
+    )
+    env = {**os.environ, "TUNELAB_CACHE": str(tmp_path / "cache")}
+    imported = []
+    for i in range(2):
+        out = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"y{i}.npy")], env=env, capture_output=True, text=True, check=True)
+        imported.append(out.stdout.strip())
+    assert imported == ["True", "False"]
+    bunch = load_digits()
+    train, _ = train_test_split(np.arange(len(bunch.target)), test_size=0.2, random_state=7, stratify=bunch.target)
+    for i in range(2):
+        assert np.array_equal(np.load(tmp_path / f"y{i}.npy"), bunch.target[train])
+
+
+def test_a_broken_split_cache_is_computed_again(tmp_path, monkeypatch):
+    import numpy as np
+
+    from tunelab import data
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
+    labels = np.array([0, 1] * 10)
+    first = data.stratified_split(np.arange(20), labels, 3, test_size=0.25)
+    (cached,) = tmp_path.glob("split-*.npz")
+    cached.write_bytes(b"not a zip file")
+    again = data.stratified_split(np.arange(20), labels, 3, test_size=0.25)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert np.load(cached)["train"].tolist() == first[0].tolist()  # and written back

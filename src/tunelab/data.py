@@ -9,6 +9,8 @@ Python work; file-backed sets go through a torch DataLoader with workers.
 from __future__ import annotations
 
 import copy
+import hashlib
+import importlib.util
 import logging
 import math
 import os
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
@@ -40,6 +43,61 @@ def _normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> 
     return (x - mean_t) / std_t
 
 
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits: images (n, 8, 8) with values 0-16, and labels.
+
+    Read from the CSV file inside the installed scikit-learn package, because importing
+    scikit-learn itself takes over a second of every run's start-up.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    path = Path(locations[0]) / "datasets" / "data" / "digits.csv.gz" if locations else None
+    if path is None or not path.is_file():  # another layout: let scikit-learn find it
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        return bunch.images, bunch.target
+    table = np.loadtxt(path, delimiter=",")
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+
+
+def cache_dir() -> Path:
+    """Where tunelab keeps small derived files: $TUNELAB_CACHE, else $XDG_CACHE_HOME/tunelab, else ~/.cache/tunelab."""
+    if os.environ.get("TUNELAB_CACHE"):
+        return Path(os.environ["TUNELAB_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "tunelab"
+
+
+def stratified_split(idx: np.ndarray, labels: np.ndarray, seed: int, *, test_size: float | None = None,
+                     train_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's stratified `train_test_split` of `idx`, remembered in `cache_dir()`.
+
+    The file is named by a hash of everything the split depends on (scikit-learn's version, the
+    indices, the labels, the sizes, the seed), so a later run with the same inputs reads the split
+    instead of importing scikit-learn. An unreadable or unwritable cache only costs that import.
+    """
+    from importlib.metadata import version
+
+    key = repr((version("scikit-learn"), idx.tolist(), labels.tolist(), test_size, train_size, seed))
+    path = cache_dir() / f"split-{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
+    try:
+        with np.load(path) as saved:
+            return saved["train"], saved["test"]
+    except Exception:  # absent, or written by something else: compute it again
+        pass
+    from sklearn.model_selection import train_test_split
+
+    train, test = train_test_split(idx, test_size=test_size, train_size=train_size, random_state=seed, stratify=labels)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, train=train, test=test)
+        os.replace(tmp, path)  # atomic: jobs of a parallel sweep may write the same split
+    except OSError as err:
+        log.debug("could not cache the data split in %s: %s", path.parent, err)
+    return train, test
+
+
 def digits(
     image_size: int,
     mean: Sequence[float],
@@ -56,13 +114,10 @@ def digits(
     `classes` keeps a subset of the digits (relabelled 0..k-1 in the given order);
     `max_train_samples` keeps a stratified subset of the training split.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     require(0.0 < val_fraction < 1.0, f"data.dataset.val_fraction must be in (0, 1), got {val_fraction}")
-    bunch = load_digits()
-    images = torch.tensor(bunch.images, dtype=torch.float32) / 16.0
-    labels = torch.tensor(bunch.target, dtype=torch.long)
+    pixels, targets = digits_arrays()
+    images = torch.tensor(pixels, dtype=torch.float32) / 16.0
+    labels = torch.tensor(targets, dtype=torch.long)
     names = [str(c) for c in range(10)]
     if classes is not None:
         keep = [int(c) for c in classes]
@@ -77,14 +132,10 @@ def digits(
         labels = remap[labels]
         names = [str(c) for c in keep]
     idx = torch.arange(len(labels)).numpy()
-    train_idx, val_idx = train_test_split(
-        idx, test_size=val_fraction, random_state=seed, stratify=labels.numpy()
-    )
+    train_idx, val_idx = stratified_split(idx, labels.numpy(), seed, test_size=val_fraction)
     if max_train_samples is not None and max_train_samples < len(train_idx):
         require(max_train_samples >= len(names), f"data.dataset.max_train_samples must be at least the number of classes ({len(names)})")
-        train_idx, _ = train_test_split(
-            train_idx, train_size=max_train_samples, random_state=seed, stratify=labels.numpy()[train_idx]
-        )
+        train_idx, _ = stratified_split(train_idx, labels.numpy()[train_idx], seed, train_size=max_train_samples)
     x = F.interpolate(images.unsqueeze(1), size=(image_size, image_size), mode="bilinear", align_corners=False)
     x = _normalize(x.expand(-1, 3, -1, -1), mean, std).contiguous()
     train_idx, val_idx = torch.as_tensor(train_idx), torch.as_tensor(val_idx)
@@ -233,8 +284,6 @@ def _take(template: Dataset, splits: Splits, index: torch.Tensor) -> Dataset:
         subset.samples = subset.imgs = [samples[i] for i in index.tolist()]
         subset.targets = [t for _, t in subset.samples]
     elif hasattr(template, "data"):  # CIFAR-10: an array of images and a list of labels
-        import numpy as np
-
         subset.data = np.concatenate([train.data, val.data])[index.numpy()]
         subset.targets = [int(t) for t in torch.cat([_labels(train), _labels(val)])[index]]
     else:
@@ -407,9 +456,7 @@ def train_size(dataset_cfg) -> int | None:
     """
     target = dataset_cfg.get("_target_", "")
     if target == "tunelab.data.digits":
-        from sklearn.datasets import load_digits
-
-        labels = load_digits().target
+        labels = digits_arrays()[1]
         classes = dataset_cfg.get("classes")
         n = int(sum(1 for y in labels if classes is None or int(y) in {int(c) for c in classes}))
         n_train = n - math.ceil(dataset_cfg.get("val_fraction", 0.2) * n)
