@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 LAST = "last.pt"
 BEST = "best.pt"
 #: Config keys that may differ between a run and its resumption.
-RESUMABLE_CHANGES = ("trainer.resume", "trainer.progress", "trainer.device", "trainer.checkpoint_dir", "trainer.log_every_n_steps", "data.num_workers")
+RESUMABLE_CHANGES = ("trainer.resume", "trainer.progress", "trainer.device", "trainer.checkpoint_dir", "trainer.log_every_n_steps", "data.num_workers",
+                     "logger.in_process")
 
 
 def save_atomic(obj: Any, path: Path) -> None:

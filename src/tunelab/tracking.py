@@ -1,14 +1,17 @@
 """Everything MLflow: the run's life cycle, batched metrics, params, tags, artifacts, the model.
 
-The loop talks to a small logger object (`MlflowLogger`, or `NullLogger` for `logger=none`), so it
-runs the same with tracking off and tests point it at a temporary sqlite file. Per-step metrics are
-buffered and sent in batches (`MlflowClient.log_batch`) by a background thread with a bounded queue:
-the training step never waits on the tracking store; `flush()` hands over what is buffered and
-`finish()` waits until every batch has arrived before it sets the run's final status.
+The loop talks to a small logger object (`NullLogger` for `logger=none`), so it runs the same with
+tracking off and tests point it at a temporary sqlite file. `MlflowLogger` does the MLflow work:
+per-step metrics are buffered and sent in batches (`MlflowClient.log_batch`) by a background thread
+with a bounded queue, so the training step never waits on the tracking store; `flush()` hands over
+what is buffered and `finish()` waits until every batch has arrived before it sets the run's final
+status. `logger=mlflow` runs it in a helper process (`ProcessLogger`): the training process then
+neither imports MLflow at start-up nor shares its interpreter with the store's Python code.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import queue
@@ -30,6 +33,8 @@ EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
 PARENT_RUN_TAG = "mlflow.parentRunId"
 #: Tag of the runs that are not trainings (`lr_find` for an LR range test); comparisons skip them.
 KIND_TAG = "tunelab.kind"
+#: The process that trains: this one, or the one a helper process (ProcessLogger) works for.
+_training_pid = os.getpid()
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -255,7 +260,7 @@ class MlflowLogger(NullLogger):
         self.run_id = run_id
         self._skip = {key: max(m.step for m in self._client.get_metric_history(run_id, key)) for key in run.data.metrics}
         self._client.update_run(run_id, status="RUNNING")
-        self._client.set_tag(run_id, "tunelab.pid", str(os.getpid()))
+        self._client.set_tag(run_id, "tunelab.pid", str(_training_pid))
         mlflow.set_tracking_uri(self._uri)
         self._start_sender()
         log.info("Continuing MLflow run %s at %s", run_id, self._uri)
@@ -293,43 +298,16 @@ class MlflowLogger(NullLogger):
         self._client.log_artifact(self.run_id, str(path))
 
     def log_model(self, model, input_example) -> None:
-        """`mlflow.pytorch.log_model(name="model")` with explicit pip requirements (no slow inference).
+        log_pytorch_model(self._uri, self.run_id, model, input_example)
 
-        MLflow's safe `pt2` format (torch.export, traced on `input_example`, which should hold at
-        least two images so the batch size stays dynamic) is tried first; a model torch.export cannot
-        trace is saved in the pickle format instead, with a warning.
-        """
-        import mlflow
-        import mlflow.pytorch
+    def log_bytes(self, data: bytes, name: str) -> None:
+        """A file made elsewhere (a rendered figure) as the artifact `name`."""
+        import tempfile
 
-        # The model is saved from the CPU. MLflow checks the input example by loading the model
-        # through pyfunc, which picks CUDA when a GPU is present, and a pt2 model saved on the
-        # CPU cannot be loaded there, so on a GPU machine the check would fail with a warning.
-        # A user who set MLFLOW_DEFAULT_PREDICTION_DEVICE keeps that choice.
-        user_set = "MLFLOW_DEFAULT_PREDICTION_DEVICE" in os.environ
-        os.environ.setdefault("MLFLOW_DEFAULT_PREDICTION_DEVICE", "cpu")
-        try:
-            self._log_model(mlflow, model, input_example)
-        finally:
-            if not user_set:
-                os.environ.pop("MLFLOW_DEFAULT_PREDICTION_DEVICE", None)
-
-    def _log_model(self, mlflow, model, input_example) -> None:
-        with mlflow.start_run(run_id=self.run_id):
-            for fmt in ("pt2", "pickle"):
-                try:
-                    mlflow.pytorch.log_model(
-                        model,
-                        name="model",
-                        input_example=input_example,
-                        pip_requirements=pip_requirements(),
-                        serialization_format=fmt,
-                    )
-                    return
-                except Exception as err:
-                    if fmt == "pickle":
-                        raise
-                    log.warning("torch.export could not trace the model (%s); logging it in the pickle format", str(err).splitlines()[0][:200])
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / name
+            path.write_bytes(data)
+            self._client.log_artifact(self.run_id, str(path))
 
     def finish(self, status: str) -> None:
         """Send everything still buffered, then set FINISHED, FAILED or KILLED."""
@@ -352,6 +330,267 @@ class MlflowLogger(NullLogger):
             )
 
 
+
+def mlflow_logger(tracking_uri: str | None, experiment_name: str, run_name: str | None = None, log_model: bool = True,
+                  in_process: bool = False):
+    """The logger `logger=mlflow` builds: MLflow's work done by a helper process (`ProcessLogger`), or
+    by threads of the training process with `logger.in_process=true` (`MlflowLogger`)."""
+    args = (tracking_uri, experiment_name, run_name, log_model)
+    if not in_process:
+        try:
+            return ProcessLogger(*args)
+        except OSError as err:  # no process could be started
+            log.warning("could not start the MLflow helper process (%s); logging from this process", err)
+    return MlflowLogger(*args)
+
+
+class _Helper:
+    """The helper process that runs MlflowLogger for this process, and the pipe to it.
+
+    One per training process, started at first use and kept for the next run (the jobs of a sweep
+    run one after another in one process). Calls that return something wait for their reply,
+    matched by number; metric batches go without one. The helper ignores Ctrl-C and SIGTERM (this
+    process ends the run properly first) and exits when the pipe closes: at this process's exit,
+    or when a `kill -9` ends it.
+    """
+
+    def __init__(self) -> None:
+        import atexit
+        import subprocess
+        import sys
+        from multiprocessing.connection import Connection
+
+        # A plain `python -c` child with two pipes: no fork of a process that may hold CUDA and
+        # threads, and none of multiprocessing's start-up (which fails inside joblib's workers).
+        to_child, inbox = os.pipe()
+        outbox, from_child = os.pipe()
+        code = f"from tunelab.tracking import _serve; _serve({to_child}, {from_child}, {os.getpid()})"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self.process = subprocess.Popen([sys.executable, "-c", code], pass_fds=(to_child, from_child), env=env, stdin=subprocess.DEVNULL)
+        os.close(to_child)
+        os.close(from_child)
+        self._out, self._in = Connection(inbox, readable=False), Connection(outbox, writable=False)
+        self._calls = 0
+        atexit.register(self.close)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def send(self, op: str, *args) -> None:
+        try:
+            self._out.send((op, 0, args))
+        except (OSError, EOFError, ValueError) as err:
+            raise ReportedError(f"the MLflow helper process is gone ({type(err).__name__}); the run's checkpoint is still in its run folder") from None
+
+    def call(self, op: str, *args):
+        self._calls += 1
+        number = self._calls
+        try:
+            self._out.send((op, number, args))
+            while True:
+                answered, ok, value = self._in.recv()
+                if answered == number:  # an older reply was left by a call that Ctrl-C interrupted
+                    break
+        except (OSError, EOFError, ValueError) as err:
+            raise ReportedError(f"the MLflow helper process is gone ({type(err).__name__}); the run's checkpoint is still in its run folder") from None
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        self._out.close()  # the helper's cue to exit
+        try:
+            self.process.wait(timeout=30)
+        except Exception:
+            self.process.kill()
+        self._in.close()
+
+
+_helper: _Helper | None = None
+
+
+def start_helper_early(logger_cfg: Mapping[str, Any]) -> None:
+    """Start the helper process now, when `logger=mlflow` will use it, so that it imports MLflow
+    while this process imports torch (train.py calls this first). Rank 0 only under torchrun."""
+    if logger_cfg.get("_target_") != f"{__name__}.mlflow_logger" or logger_cfg.get("in_process"):
+        return
+    if os.environ.get("RANK", "0") != "0":
+        return
+    try:
+        _get_helper()
+    except OSError:
+        pass  # mlflow_logger reports it and logs from this process
+
+
+def _get_helper() -> _Helper:
+    global _helper
+    if _helper is None or not _helper.alive():
+        _helper = _Helper()
+    return _helper
+
+
+def _serve(inbox: int, outbox: int, training_pid: int) -> None:
+    """The helper process's loop: each message from the pipe `inbox` is a call on the current
+    MlflowLogger; replies go to the pipe `outbox`."""
+    import pickle
+    import signal
+    from multiprocessing.connection import Connection
+
+    receive, reply = Connection(inbox, writable=False), Connection(outbox, readable=False)
+
+    global _training_pid
+    _training_pid = training_pid
+    for ignored in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2):
+        signal.signal(ignored, signal.SIG_IGN)
+    try:  # the slow imports first, while the training process is still importing torch
+        for module in ("mlflow.entities", "mlflow.store.tracking.sqlalchemy_store"):
+            importlib.import_module(module)
+    except Exception:
+        pass  # the first call reports what is missing
+    logger, deferred = None, None
+    while True:
+        try:
+            op, number, args = receive.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            if op == "new":  # a new run's logger: its settings, MLflow's environment variables and folder
+                kwargs, env, cwd = args
+                for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
+                    del os.environ[key]
+                os.environ.update(env)
+                os.chdir(cwd)
+                logger, deferred = MlflowLogger(**kwargs), None
+                logger.connect_in_background()
+            elif op == "metrics":
+                for metrics, step in args[0]:
+                    logger.log_metrics(metrics, step)
+                logger.flush()
+            else:
+                value = getattr(logger, op)(*args)
+                if op in ("start", "resume"):
+                    value = (logger.run_id, logger._uri)
+                if op == "finish" and deferred is not None:
+                    raise ReportedError(f"MLflow could not store all of run {logger.run_id} ({deferred})")
+                reply.send((number, True, value))
+        except BaseException as err:
+            if not number:  # nobody waits for this one: report it when the run finishes
+                deferred = deferred or f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                continue
+            try:
+                pickle.loads(pickle.dumps(err))
+            except Exception:  # not every library error survives the trip
+                err = RuntimeError(f"{type(err).__name__}: {err}")
+            reply.send((number, False, err))
+
+
+class ProcessLogger(NullLogger):
+    """MlflowLogger with its work done in a helper process (see `_Helper`).
+
+    The training process then never imports MLflow for logging (over a second of start-up) and
+    never runs the tracking store's Python code beside its loop: a step's metrics are a list
+    append, a flush one message through a pipe. Only `log_model` runs here, as it needs the model.
+    """
+
+    def __init__(self, tracking_uri: str | None, experiment_name: str, run_name: str | None = None, log_model: bool = True):
+        self._kwargs = dict(tracking_uri=tracking_uri, experiment_name=experiment_name, run_name=run_name, log_model=log_model)
+        self.experiment_name = experiment_name
+        self.log_model_enabled = log_model
+        self.run_id = None
+        self._uri = None
+        self._pending: list[tuple[dict[str, float], int]] = []
+        self._helper = _get_helper()
+        self._announced = False
+
+    def connect_in_background(self) -> None:
+        """The helper imports MLflow and opens the store while this process builds data and model."""
+        if not self._announced:
+            env = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+            self._helper.send("new", self._kwargs, env, os.getcwd())
+            self._announced = True
+
+    def wait_for_connection(self) -> None:
+        if self._announced:
+            self._helper.call("wait_for_connection")
+
+    def start(self, params: Mapping[str, Any], tags: Mapping[str, str]) -> None:
+        self.connect_in_background()
+        self.run_id, self._uri = self._helper.call("start", dict(params), dict(tags))
+        log.info("MLflow run %s in experiment '%s' at %s", self.run_id, self.experiment_name, self._uri)
+
+    def resume(self, run_id: str) -> None:
+        self.connect_in_background()
+        self.run_id, self._uri = self._helper.call("resume", run_id)
+        log.info("Continuing MLflow run %s at %s", run_id, self._uri)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self._pending.append(({key: float(value) for key, value in metrics.items()}, step))
+
+    def flush(self) -> None:
+        if self._pending:
+            batch, self._pending = self._pending, []
+            self._helper.send("metrics", batch)
+
+    def log_text(self, text: str, name: str) -> None:
+        self._helper.call("log_text", text, name)
+
+    def set_tag(self, key: str, value: str) -> None:
+        self._helper.call("set_tag", key, str(value))
+
+    def log_figure(self, figure, name: str) -> None:
+        import io
+
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format=Path(name).suffix.lstrip(".") or "png")
+        self._helper.call("log_bytes", buffer.getvalue(), name)
+
+    def log_artifact(self, path: str | Path) -> None:
+        self._helper.call("log_artifact", str(Path(path).resolve()))
+
+    def log_model(self, model, input_example) -> None:
+        log_pytorch_model(self._uri, self.run_id, model, input_example)
+
+    def finish(self, status: str) -> None:
+        if self.run_id is None:
+            return
+        self.flush()
+        self._helper.call("finish", status)
+
+def log_pytorch_model(uri: str, run_id: str, model, input_example) -> None:
+    """`mlflow.pytorch.log_model(name="model")` into run `run_id` of the store at `uri`, with
+    explicit pip requirements (MLflow's own inference of them takes about 10 s).
+
+    MLflow's safe `pt2` format (torch.export, traced on `input_example`, which should hold at
+    least two images so the batch size stays dynamic) is tried first; a model torch.export cannot
+    trace is saved in the pickle format instead, with a warning.
+    """
+    import mlflow
+    import mlflow.pytorch
+
+    mlflow.set_tracking_uri(uri)
+    # The model is saved from the CPU. MLflow checks the input example by loading the model
+    # through pyfunc, which picks CUDA when a GPU is present, and a pt2 model saved on the
+    # CPU cannot be loaded there, so on a GPU machine the check would fail with a warning.
+    # A user who set MLFLOW_DEFAULT_PREDICTION_DEVICE keeps that choice.
+    user_set = "MLFLOW_DEFAULT_PREDICTION_DEVICE" in os.environ
+    os.environ.setdefault("MLFLOW_DEFAULT_PREDICTION_DEVICE", "cpu")
+    try:
+        with mlflow.start_run(run_id=run_id):
+            for fmt in ("pt2", "pickle"):
+                try:
+                    mlflow.pytorch.log_model(
+                        model, name="model", input_example=input_example, pip_requirements=pip_requirements(), serialization_format=fmt,
+                    )
+                    return
+                except Exception as err:
+                    if fmt == "pickle":
+                        raise
+                    log.warning("torch.export could not trace the model (%s); logging it in the pickle format", str(err).splitlines()[0][:200])
+    finally:
+        if not user_set:
+            os.environ.pop("MLFLOW_DEFAULT_PREDICTION_DEVICE", None)
+
+
 def process_tags() -> dict[str, str]:
     """Where and with what the run was made: host and pid (to spot dead runs), library versions,
     the project's git commit (the tag MLflow's UI shows as the source version)."""
@@ -360,7 +599,7 @@ def process_tags() -> dict[str, str]:
     import subprocess
     from importlib.metadata import PackageNotFoundError, version
 
-    tags = {"tunelab.host": socket.gethostname(), "tunelab.pid": str(os.getpid()), "version.python": platform.python_version()}
+    tags = {"tunelab.host": socket.gethostname(), "tunelab.pid": str(_training_pid), "version.python": platform.python_version()}
     for package in ("tunelab", "torch", "torchvision", "timm", "mlflow", "hydra-core"):
         try:
             tags[f"version.{package}"] = version(package)
@@ -390,7 +629,7 @@ def reap_dead_runs(client, experiment_id: str) -> None:
         if tags.get("tunelab.host") != host or not tags.get("tunelab.pid", "").isdigit():
             continue
         pid = int(tags["tunelab.pid"])
-        if pid == os.getpid():
+        if pid == _training_pid:
             continue
         try:
             os.kill(pid, 0)

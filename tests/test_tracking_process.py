@@ -1,0 +1,101 @@
+"""MLflow's helper process: what a run logs arrives, the training process leaves MLflow alone, and
+the helper never outlives the process it works for."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, SMALL, metric_series, mlflow_runs
+from tunelab import tracking
+from tunelab.errors import ConfigError
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status")
+    return not (status.exists() and "\nState:\tZ" in status.read_text())  # a zombie has ended
+
+
+def test_everything_a_run_logs_arrives_through_the_helper(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logger = tracking.mlflow_logger(uri, "tunelab")
+    assert isinstance(logger, tracking.ProcessLogger)
+    logger.connect_in_background()
+    logger.start({"optimizer.lr": 0.1}, {"model": "resnet18"})
+    for step in range(120):
+        logger.log_metrics({"lr": 0.1 / (step + 1), "train/loss": 2.0 - step / 100}, step=step)
+        if step % 50 == 49:
+            logger.flush()
+    logger.log_text("a: 1\n", "config.yaml")
+    logger.set_tag("tunelab.stopped_early", "no")
+    logger.finish("FINISHED")
+    client, runs = mlflow_runs(uri)
+    (run,) = runs
+    assert run.info.status == "FINISHED" and run.info.run_id == logger.run_id
+    assert run.data.params["optimizer.lr"] == "0.1" and run.data.tags["model"] == "resnet18"
+    assert run.data.tags["tunelab.pid"] == str(os.getpid())  # the training process, not the helper
+    assert [s for s, _ in metric_series(client, logger.run_id, "train/loss")] == list(range(120))
+    assert [a.path for a in client.list_artifacts(logger.run_id)] == ["config.yaml"]
+
+
+def test_the_helpers_errors_reach_the_caller(tmp_path):
+    logger = tracking.mlflow_logger("http://127.0.0.1:9", "tunelab")  # nothing listens on port 9
+    logger.connect_in_background()
+    with pytest.raises(ConfigError, match="does not answer"):
+        logger.start({}, {})
+    ok = tracking.mlflow_logger(f"sqlite:///{tmp_path / 'mlflow.db'}", "tunelab")  # the same helper serves the next run
+    ok.start({}, {})
+    ok.finish("FINISHED")
+    assert mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")[1][0].info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_training_process_does_not_import_mlflow_unless_it_logs_the_model(tmp_path):
+    script = (
+        "import sys\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "from conftest import compose_config, SMALL\n"
+        "from tunelab import run\n"
+        "run.train(compose_config([*SMALL, 'logger.log_model=false'], sys.argv[2]))\n"
+        "print('mlflow' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(ROOT / "tests"), f"sqlite:///{tmp_path / 'mlflow.db'}"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
+    assert mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")[1][0].info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_the_helper_ends_with_a_killed_training_process(tmp_path):
+    args = [*SMALL, "trainer.max_epochs=50", "logger.log_model=false", f"hydra.run.dir={tmp_path}/run"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    for line in proc.stdout:  # the loop has started, so the helper is working for it
+        if "Training:" in line or time.time() > deadline:
+            break
+    helpers = children(proc.pid)
+    assert helpers, "no helper process"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(alive(pid) for pid in helpers):
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in helpers), "the helper outlived the training process"
