@@ -124,12 +124,12 @@ def make_logger(tmp: Path):
         from tunelab.tracking import NullLogger
 
         return NullLogger(), "null logger (MLflow is not installed)"
-    from tunelab.tracking import MlflowLogger
+    from tunelab.tracking import mlflow_logger
 
-    logger = MlflowLogger(f"sqlite:///{tmp / 'gpu.db'}", "bench-gpu", log_model=False)
+    logger = mlflow_logger(f"sqlite:///{tmp / 'gpu.db'}", "bench-gpu", log_model=False)  # as logger=mlflow builds it
     logger.connect_in_background()
     logger.start({}, {})
-    return logger, "MLflow (sqlite), lr and train/loss every step"
+    return logger, f"MLflow (sqlite) through {type(logger).__name__}, lr and train/loss every step"
 
 
 def main() -> None:
