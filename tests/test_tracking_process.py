@@ -31,8 +31,8 @@ def alive(pid: int) -> bool:
     return not (status.exists() and "\nState:\tZ" in status.read_text())  # a zombie has ended
 
 
-def test_everything_a_run_logs_arrives_through_the_helper(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_everything_a_run_logs_arrives_through_the_helper(tracking_uri):
+    uri = tracking_uri  # the fixture also clears MLFLOW_TRACKING_URI, which would win
     logger = tracking.mlflow_logger(uri, "tunelab")
     assert isinstance(logger, tracking.ProcessLogger)
     logger.connect_in_background()
@@ -53,7 +53,7 @@ def test_everything_a_run_logs_arrives_through_the_helper(tmp_path):
     assert [a.path for a in client.list_artifacts(logger.run_id)] == ["config.yaml"]
 
 
-def test_the_helpers_errors_reach_the_caller(tmp_path):
+def test_the_helpers_errors_reach_the_caller(tmp_path, tracking_uri):
     logger = tracking.mlflow_logger("http://127.0.0.1:9", "tunelab")  # nothing listens on port 9
     logger.connect_in_background()
     with pytest.raises(ConfigError, match="does not answer"):
@@ -74,8 +74,9 @@ def test_a_training_process_does_not_import_mlflow_unless_it_logs_the_model(tmp_
         "run.train(compose_config([*SMALL, 'logger.log_model=false'], sys.argv[2]))\n"
         "print('mlflow' in sys.modules)\n"
     )
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # else it would win over the test's store
     out = subprocess.run([sys.executable, "-c", script, str(ROOT / "tests"), f"sqlite:///{tmp_path / 'mlflow.db'}"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "False"
     assert mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")[1][0].info.status == "FINISHED"
