@@ -100,3 +100,19 @@ def test_the_helper_ends_with_a_killed_training_process(tmp_path):
     while time.time() < deadline and any(alive(pid) for pid in helpers):
         time.sleep(0.2)
     assert not any(alive(pid) for pid in helpers), "the helper outlived the training process"
+
+
+def test_mlflow_installed_as_mlflow_skinny_is_still_pinned_and_tagged(monkeypatch):
+    import importlib.metadata
+
+    real = importlib.metadata.version
+
+    def skinny_only(name):
+        if name == "mlflow":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", skinny_only)
+    pins = tracking.pip_requirements()
+    assert f"mlflow-skinny=={real('mlflow-skinny')}" in pins and not any(p.startswith("mlflow==") for p in pins)
+    assert tracking.process_tags()["version.mlflow"] == real("mlflow-skinny")

@@ -597,14 +597,12 @@ def process_tags() -> dict[str, str]:
     import platform
     import socket
     import subprocess
-    from importlib.metadata import PackageNotFoundError, version
 
     tags = {"tunelab.host": socket.gethostname(), "tunelab.pid": str(_training_pid), "version.python": platform.python_version()}
     for package in ("tunelab", "torch", "torchvision", "timm", "mlflow", "hydra-core"):
-        try:
-            tags[f"version.{package}"] = version(package)
-        except PackageNotFoundError:
-            continue
+        found = installed(package)
+        if found:
+            tags[f"version.{package}"] = found[1]
     root = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
@@ -643,14 +641,20 @@ def reap_dead_runs(client, experiment_id: str) -> None:
         log.warning("MLflow run %s was left RUNNING by process %d, which is gone: marked KILLED", run.info.run_id, pid)
 
 
-def pip_requirements() -> list[str]:
-    """The packages a logged model needs, pinned to the versions installed here."""
+def installed(package: str) -> tuple[str, str] | None:
+    """(distribution, version) of an installed package, or None; MLflow may be installed as
+    `mlflow-skinny` alone (servers and small images do that)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    pins = []
-    for package in ("torch", "torchvision", "timm", "mlflow"):
+    for distribution in (package, "mlflow-skinny") if package == "mlflow" else (package,):
         try:
-            pins.append(f"{package}=={version(package)}")
+            return distribution, version(distribution)
         except PackageNotFoundError:
             continue
-    return pins
+    return None
+
+
+def pip_requirements() -> list[str]:
+    """The packages a logged model needs, pinned to the versions installed here."""
+    found = [installed(package) for package in ("torch", "torchvision", "timm", "mlflow")]
+    return [f"{distribution}=={version}" for distribution, version in filter(None, found)]
