@@ -434,6 +434,7 @@ def _serve(inbox: int, outbox: int, training_pid: int) -> None:
     MlflowLogger; replies go to the pipe `outbox`."""
     import pickle
     import signal
+    import sys
     from multiprocessing.connection import Connection
 
     receive, reply = Connection(inbox, writable=False), Connection(outbox, readable=False)
@@ -451,8 +452,10 @@ def _serve(inbox: int, outbox: int, training_pid: int) -> None:
     while True:
         try:
             op, number, args = receive.recv()
-        except (EOFError, OSError):
-            return
+        except (EOFError, OSError):  # the training process has ended (every run it finished is stored)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)  # skip tearing down MLflow's modules: the training process waits for this exit
         try:
             if op == "new":  # a new run's logger: its settings, MLflow's environment variables and folder
                 kwargs, env, cwd = args
