@@ -116,3 +116,17 @@ def test_mlflow_installed_as_mlflow_skinny_is_still_pinned_and_tagged(monkeypatc
     pins = tracking.pip_requirements()
     assert f"mlflow-skinny=={real('mlflow-skinny')}" in pins and not any(p.startswith("mlflow==") for p in pins)
     assert tracking.process_tags()["version.mlflow"] == real("mlflow-skinny")
+
+
+def test_logging_a_model_leaves_this_process_on_its_configured_store(tracking_uri):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; a later run of the same process (a sweep
+    job, a test) must not be steered by the store an earlier run's model went to."""
+    import torch
+
+    logger = tracking.mlflow_logger(tracking_uri, "tunelab")
+    logger.start({}, {})
+    logger.log_model(torch.nn.Linear(4, 2).eval(), torch.randn(2, 4).numpy())
+    logger.finish("FINISHED")
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_DEFAULT_PREDICTION_DEVICE" not in os.environ
+    client, (run,) = mlflow_runs(tracking_uri)
+    assert run.info.status == "FINISHED" and client.search_logged_models([run.info.experiment_id])

@@ -17,6 +17,7 @@ import os
 import queue
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -235,14 +236,12 @@ class MlflowLogger(NullLogger):
 
     def start(self, params: Mapping[str, Any], tags: Mapping[str, str]) -> None:
         """Open a new run: tags, then the flattened params in one call."""
-        import mlflow
         from mlflow.entities import Param
 
         experiment_id = self._connected()
         tags = {**process_tags(), **tags, **({"mlflow.runName": self.run_name} if self.run_name else {})}
         run = self._client.create_run(experiment_id, tags=tags)
         self.run_id = run.info.run_id
-        mlflow.set_tracking_uri(self._uri)
         values = {k: str(v)[:_PARAM_VALUE_LIMIT] for k, v in params.items()}
         self._client.log_batch(self.run_id, params=[Param(k, v) for k, v in values.items()])
         self._start_sender()
@@ -250,8 +249,6 @@ class MlflowLogger(NullLogger):
 
     def resume(self, run_id: str) -> None:
         """Continue an existing run: RUNNING again, and metrics it already holds are not sent twice."""
-        import mlflow
-
         self._connected()
         try:
             run = self._client.get_run(run_id)
@@ -261,7 +258,6 @@ class MlflowLogger(NullLogger):
         self._skip = {key: max(m.step for m in self._client.get_metric_history(run_id, key)) for key in run.data.metrics}
         self._client.update_run(run_id, status="RUNNING")
         self._client.set_tag(run_id, "tunelab.pid", str(_training_pid))
-        mlflow.set_tracking_uri(self._uri)
         self._start_sender()
         log.info("Continuing MLflow run %s at %s", run_id, self._uri)
 
@@ -380,7 +376,7 @@ class _Helper:
         try:
             self._out.send((op, 0, args))
         except (OSError, EOFError, ValueError) as err:
-            raise ReportedError(f"the MLflow helper process is gone ({type(err).__name__}); the run's checkpoint is still in its run folder") from None
+            raise _gone(err) from None
 
     def call(self, op: str, *args):
         self._calls += 1
@@ -392,7 +388,7 @@ class _Helper:
                 if answered == number:  # an older reply was left by a call that Ctrl-C interrupted
                     break
         except (OSError, EOFError, ValueError) as err:
-            raise ReportedError(f"the MLflow helper process is gone ({type(err).__name__}); the run's checkpoint is still in its run folder") from None
+            raise _gone(err) from None
         if not ok:
             raise value
         return value
@@ -404,6 +400,10 @@ class _Helper:
         except Exception:
             self.process.kill()
         self._in.close()
+
+
+def _gone(err: BaseException) -> ReportedError:
+    return ReportedError(f"the MLflow helper process is gone ({type(err).__name__}); the run's checkpoint is still in its run folder")
 
 
 _helper: _Helper | None = None
@@ -570,14 +570,15 @@ def log_pytorch_model(uri: str, run_id: str, model, input_example) -> None:
     import mlflow
     import mlflow.pytorch
 
-    mlflow.set_tracking_uri(uri)
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which would steer this process's
+    # later runs (sweep jobs, the helper's next connection); the variables are put back after.
     # The model is saved from the CPU. MLflow checks the input example by loading the model
     # through pyfunc, which picks CUDA when a GPU is present, and a pt2 model saved on the
     # CPU cannot be loaded there, so on a GPU machine the check would fail with a warning.
     # A user who set MLFLOW_DEFAULT_PREDICTION_DEVICE keeps that choice.
-    user_set = "MLFLOW_DEFAULT_PREDICTION_DEVICE" in os.environ
-    os.environ.setdefault("MLFLOW_DEFAULT_PREDICTION_DEVICE", "cpu")
-    try:
+    with _environment_kept("MLFLOW_TRACKING_URI", "MLFLOW_DEFAULT_PREDICTION_DEVICE"):
+        mlflow.set_tracking_uri(uri)
+        os.environ.setdefault("MLFLOW_DEFAULT_PREDICTION_DEVICE", "cpu")
         with mlflow.start_run(run_id=run_id):
             for fmt in ("pt2", "pickle"):
                 try:
@@ -589,10 +590,20 @@ def log_pytorch_model(uri: str, run_id: str, model, input_example) -> None:
                     if fmt == "pickle":
                         raise
                     log.warning("torch.export could not trace the model (%s); logging it in the pickle format", str(err).splitlines()[0][:200])
-    finally:
-        if not user_set:
-            os.environ.pop("MLFLOW_DEFAULT_PREDICTION_DEVICE", None)
 
+
+@contextmanager
+def _environment_kept(*names: str):
+    """Put these environment variables back as they were (absent ones removed) after the block."""
+    saved = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 def process_tags() -> dict[str, str]:
     """Where and with what the run was made: host and pid (to spot dead runs), library versions,
