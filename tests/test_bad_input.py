@@ -58,6 +58,7 @@ CATALOGUE = {
     "cuda without a GPU": (["trainer.device=cuda"], "trainer.device=cuda", 2),
     "scheduler key its class does not take": (["+scheduler.gamma=0.5"], "scheduler", 2),
     "unreachable tracking server": (["logger.tracking_uri=http://127.0.0.1:{port}"], "127.0.0.1", 2),
+    "in_process not a boolean": (["logger.in_process=maybe"], "logger.in_process", 2),
     "resume path that does not exist": (["trainer.resume={root}/runs/none/last.pt"], "trainer.resume", 2),
     "warmup longer than the run": (["scheduler.warmup_epochs=3", "trainer.max_epochs=2"], "scheduler.warmup_epochs", 2),
     "EMA decay of 1": (["trainer.ema_decay=1"], "trainer.ema_decay", 2),

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping
 
-from tunelab.errors import ConfigError, ReportedError
+from tunelab.errors import ConfigError, ReportedError, require
 
 log = logging.getLogger(__name__)
 
@@ -331,6 +331,7 @@ def mlflow_logger(tracking_uri: str | None, experiment_name: str, run_name: str 
                   in_process: bool = False):
     """The logger `logger=mlflow` builds: MLflow's work done by a helper process (`ProcessLogger`), or
     by threads of the training process with `logger.in_process=true` (`MlflowLogger`)."""
+    require(isinstance(in_process, bool), f"logger.in_process={in_process!r} must be true or false")
     args = (tracking_uri, experiment_name, run_name, log_model)
     if not in_process:
         try:
