@@ -130,3 +130,21 @@ def test_logging_a_model_leaves_this_process_on_its_configured_store(tracking_ur
     assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_DEFAULT_PREDICTION_DEVICE" not in os.environ
     client, (run,) = mlflow_runs(tracking_uri)
     assert run.info.status == "FINISHED" and client.search_logged_models([run.info.experiment_id])
+
+
+def test_a_run_started_at_once_in_a_fresh_process_with_mlflow_in_threads(tmp_path):
+    """`logger.in_process=true`: `start` right after `connect_in_background`, before the thread has
+    finished importing MLflow, used to import MLflow beside it and fail halfway (a circular import)."""
+    script = (
+        "import sys\n"
+        "from tunelab import tracking\n"
+        "logger = tracking.mlflow_logger(sys.argv[1], 'tunelab', in_process=True)\n"
+        "logger.connect_in_background()\n"
+        "logger.start({}, {})\n"
+        "logger.finish('FINISHED')\n"
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    out = subprocess.run([sys.executable, "-c", script, uri], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert mlflow_runs(uri)[1][0].info.status == "FINISHED"

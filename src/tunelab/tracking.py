@@ -236,9 +236,9 @@ class MlflowLogger(NullLogger):
 
     def start(self, params: Mapping[str, Any], tags: Mapping[str, str]) -> None:
         """Open a new run: tags, then the flattened params in one call."""
+        experiment_id = self._connected()  # first: importing MLflow here while the connecting thread does can fail halfway
         from mlflow.entities import Param
 
-        experiment_id = self._connected()
         tags = {**process_tags(), **tags, **({"mlflow.runName": self.run_name} if self.run_name else {})}
         run = self._client.create_run(experiment_id, tags=tags)
         self.run_id = run.info.run_id
