@@ -65,21 +65,25 @@ def test_the_helpers_errors_reach_the_caller(tmp_path, tracking_uri):
 
 
 @pytest.mark.slow
-def test_a_training_process_does_not_import_mlflow_unless_it_logs_the_model(tmp_path):
+def test_a_training_process_leaves_mlflow_and_the_lr_figure_to_the_helper(tmp_path):
+    """Unless it logs the model, the training process imports neither MLflow nor matplotlib: the
+    helper stores everything and draws the LR curve."""
     script = (
         "import sys\n"
         "sys.path.insert(0, sys.argv[1])\n"
         "from conftest import compose_config, SMALL\n"
         "from tunelab import run\n"
         "run.train(compose_config([*SMALL, 'logger.log_model=false'], sys.argv[2]))\n"
-        "print('mlflow' in sys.modules)\n"
+        "print('mlflow' in sys.modules, 'matplotlib' in sys.modules)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # else it would win over the test's store
     out = subprocess.run([sys.executable, "-c", script, str(ROOT / "tests"), f"sqlite:///{tmp_path / 'mlflow.db'}"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "False"
-    assert mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")[1][0].info.status == "FINISHED"
+    assert out.stdout.strip().splitlines()[-1] == "False False"
+    client, (run,) = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert run.info.status == "FINISHED"
+    assert "lr_curve.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
 @pytest.mark.slow
@@ -130,6 +134,16 @@ def test_logging_a_model_leaves_this_process_on_its_configured_store(tracking_ur
     assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_DEFAULT_PREDICTION_DEVICE" not in os.environ
     client, (run,) = mlflow_runs(tracking_uri)
     assert run.info.status == "FINISHED" and client.search_logged_models([run.info.experiment_id])
+
+
+def test_an_error_drawing_the_lr_curve_in_the_helper_is_reported_when_the_run_ends(tracking_uri):
+    logger = tracking.mlflow_logger(tracking_uri, "tunelab")
+    logger.start({}, {})
+    logger.log_lr_curves({"lr": [0.1, 0.05]}, "ten")  # returns at once; the helper fails to draw it
+    with pytest.raises(tracking.ReportedError, match="could not store all"):
+        logger.finish("FINISHED")
+    client, (run,) = mlflow_runs(tracking_uri)
+    assert run.info.status == "FINISHED" and not client.list_artifacts(run.info.run_id)
 
 
 def test_a_run_started_at_once_in_a_fresh_process_with_mlflow_in_threads(tmp_path):

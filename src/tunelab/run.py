@@ -475,11 +475,13 @@ def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, ru
             raise
         finally:
             try:
-                writer.close()
-                if dist.is_main:
+                if dist.is_main:  # the last checkpoints are written meanwhile
                     _log_results(logger, state.history, steps_per_epoch, model if status == "FINISHED" else None, splits)
             finally:
-                logger.finish(status)
+                try:
+                    writer.close()
+                finally:
+                    logger.finish(status)
     best = state.history.best(cfg.monitor)
     log.info("Best %s: %.4f%s", cfg.monitor, best, f" (checkpoints in {run_dir})" if run_dir else "")
     return best
@@ -543,15 +545,10 @@ def _log_range_test(logger, result, fig, folder: Path | None) -> None:
 
 
 def _log_results(logger, history: History, steps_per_epoch: int, model, splits) -> None:
-    """The LR curve always (a failed run keeps it); the model only on success."""
-    from tunelab import plots
-
+    """The LR curve always (a failed run keeps it); the model only on success. With MLflow's
+    helper process (`logger=mlflow`) the curve is drawn there while the model is logged here."""
     if history.lrs:
-        fig = plots.lr_curves(history.lrs, steps_per_epoch)
-        logger.log_figure(fig, "lr_curve.png")
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+        logger.log_lr_curves(history.lrs, steps_per_epoch)
     if model is not None and logger.log_model_enabled:
         model.cpu().eval()
         example = torch.stack([splits.val[i][0] for i in range(min(2, len(splits.val)))]).numpy()

@@ -152,6 +152,9 @@ class NullLogger:
     def log_figure(self, figure, name: str) -> None:
         pass
 
+    def log_lr_curves(self, curves: Mapping[str, list[float]], steps_per_epoch: int, name: str = "lr_curve.png") -> None:
+        pass
+
     def log_artifact(self, path: str | Path) -> None:
         pass
 
@@ -289,6 +292,18 @@ class MlflowLogger(NullLogger):
 
     def log_figure(self, figure, name: str) -> None:
         self._client.log_figure(self.run_id, figure, name)
+
+    def log_lr_curves(self, curves: Mapping[str, list[float]], steps_per_epoch: int, name: str = "lr_curve.png") -> None:
+        """The run's learning rate per param group and optimizer step, drawn as the figure `name`."""
+        import matplotlib.pyplot as plt
+
+        from tunelab import plots
+
+        figure = plots.lr_curves(curves, steps_per_epoch)
+        try:
+            self.log_figure(figure, name)
+        finally:
+            plt.close(figure)
 
     def log_artifact(self, path: str | Path) -> None:
         self._client.log_artifact(self.run_id, str(path))
@@ -476,7 +491,8 @@ def _serve(inbox: int, outbox: int, training_pid: int) -> None:
                     value = (logger.run_id, logger._uri)
                 if op == "finish" and deferred is not None:
                     raise ReportedError(f"MLflow could not store all of run {logger.run_id} ({deferred})")
-                reply.send((number, True, value))
+                if number:  # 0: sent without waiting for a reply
+                    reply.send((number, True, value))
         except BaseException as err:
             if not number:  # nobody waits for this one: report it when the run finishes
                 deferred = deferred or f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
@@ -547,6 +563,11 @@ class ProcessLogger(NullLogger):
         buffer = io.BytesIO()
         figure.savefig(buffer, format=Path(name).suffix.lstrip(".") or "png")
         self._helper.call("log_bytes", buffer.getvalue(), name)
+
+    def log_lr_curves(self, curves: Mapping[str, list[float]], steps_per_epoch: int, name: str = "lr_curve.png") -> None:
+        """Drawn and stored by the helper process, without a reply, while this process goes on (to
+        log the model, on the other core); an error there is reported by `finish`."""
+        self._helper.send("log_lr_curves", {k: list(v) for k, v in curves.items()}, steps_per_epoch, name)
 
     def log_artifact(self, path: str | Path) -> None:
         self._helper.call("log_artifact", str(Path(path).resolve()))
