@@ -131,7 +131,7 @@ def test_logging_a_model_leaves_this_process_on_its_configured_store(tracking_ur
     logger.start({}, {})
     logger.log_model(torch.nn.Linear(4, 2).eval(), torch.randn(2, 4).numpy())
     logger.finish("FINISHED")
-    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_DEFAULT_PREDICTION_DEVICE" not in os.environ
+    assert "MLFLOW_TRACKING_URI" not in os.environ
     client, (run,) = mlflow_runs(tracking_uri)
     assert run.info.status == "FINISHED" and client.search_logged_models([run.info.experiment_id])
 

@@ -587,25 +587,24 @@ def log_pytorch_model(uri: str, run_id: str, model, input_example) -> None:
 
     MLflow's safe `pt2` format (torch.export, traced on `input_example`, which should hold at
     least two images so the batch size stays dynamic) is tried first; a model torch.export cannot
-    trace is saved in the pickle format instead, with a warning.
+    trace is saved in the pickle format instead, with a warning. MLflow's optional check of the
+    serving example (loading the saved model back and predicting, which only warns on failure) is
+    skipped: it was a fifth of the upload's time, and on a GPU machine it loaded the CPU-saved
+    model on CUDA and failed.
     """
     import mlflow
     import mlflow.pytorch
 
     # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which would steer this process's
-    # later runs (sweep jobs, the helper's next connection); the variables are put back after.
-    # The model is saved from the CPU. MLflow checks the input example by loading the model
-    # through pyfunc, which picks CUDA when a GPU is present, and a pt2 model saved on the
-    # CPU cannot be loaded there, so on a GPU machine the check would fail with a warning.
-    # A user who set MLFLOW_DEFAULT_PREDICTION_DEVICE keeps that choice.
-    with _environment_kept("MLFLOW_TRACKING_URI", "MLFLOW_DEFAULT_PREDICTION_DEVICE"):
+    # later runs (sweep jobs, the helper's next connection); the variable is put back after.
+    with _environment_kept("MLFLOW_TRACKING_URI"):
         mlflow.set_tracking_uri(uri)
-        os.environ.setdefault("MLFLOW_DEFAULT_PREDICTION_DEVICE", "cpu")
         with mlflow.start_run(run_id=run_id):
             for fmt in ("pt2", "pickle"):
                 try:
                     mlflow.pytorch.log_model(
                         model, name="model", input_example=input_example, pip_requirements=pip_requirements(), serialization_format=fmt,
+                        validate_serving_input=False,
                     )
                     return
                 except Exception as err:
