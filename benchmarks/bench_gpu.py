@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, say  # noqa: E402
+from common import ROOT, say, started_logger  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -124,11 +124,7 @@ def make_logger(tmp: Path):
         from tunelab.tracking import NullLogger
 
         return NullLogger(), "null logger (MLflow is not installed)"
-    from tunelab.tracking import mlflow_logger
-
-    logger = mlflow_logger(f"sqlite:///{tmp / 'gpu.db'}", "bench-gpu", log_model=False)  # as logger=mlflow builds it
-    logger.connect_in_background()
-    logger.start({}, {})
+    logger = started_logger(tmp / "gpu.db", "bench-gpu")
     return logger, f"MLflow (sqlite) through {type(logger).__name__}, lr and train/loss every step"
 
 

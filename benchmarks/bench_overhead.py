@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bare_loop  # noqa: E402
-from common import ROOT, say  # noqa: E402
+from common import ROOT, say, started_logger  # noqa: E402
 
 
 def tunelab_pieces(logger):
@@ -156,22 +156,18 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5, help="timed epochs per side (after one warm-up)")
     parser.add_argument("--runs", type=int, default=2, help="whole-process runs per side")
     args = parser.parse_args()
-    from tunelab.tracking import NullLogger, mlflow_logger
+    from tunelab.tracking import NullLogger
 
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         os.environ.pop("MLFLOW_TRACKING_URI", None)
-        logger = mlflow_logger(f"sqlite:///{tmp / 'epochs.db'}", "bench", log_model=False)  # as logger=mlflow builds it
-        logger.connect_in_background()
-        logger.start({}, {})
+        logger = started_logger(tmp / "epochs.db", "bench")
         t_tunelab, t_bare, ratio = side_by_side(tunelab_pieces(logger), tunelab_epoch, bare_pieces(), bare_epoch, args.epochs)
         say(f"1. epoch: tunelab {t_tunelab:.3f} s, bare loop {t_bare:.3f} s  ->  {ratio:.3f}x  (target <= 1.03)  {verdict(ratio <= 1.03)}")
         t_logged, t_null, ratio = side_by_side(tunelab_pieces(logger), tunelab_epoch, tunelab_pieces(NullLogger()), tunelab_epoch, args.epochs)
         logger.finish("FINISHED")
         say(f"2. epoch with MLflow per-step logging {t_logged:.3f} s, without {t_null:.3f} s  ->  {ratio:.3f}x  (target <= 1.01)  {verdict(ratio <= 1.01)}")
-        threads = mlflow_logger(f"sqlite:///{tmp / 'threads.db'}", "bench", log_model=False, in_process=True)
-        threads.connect_in_background()
-        threads.start({}, {})
+        threads = started_logger(tmp / "threads.db", "bench", in_process=True)
         t_logged, t_null, ratio = side_by_side(tunelab_pieces(threads), tunelab_epoch, tunelab_pieces(NullLogger()), tunelab_epoch, args.epochs)
         threads.finish("FINISHED")
         say(f"   for comparison, MLflow in threads of the training process (logger.in_process=true): {t_logged:.3f} s vs {t_null:.3f} s  ->  {ratio:.3f}x")

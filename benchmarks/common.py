@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: compose the real config and capture a run's history."""
+"""Helpers shared by the benchmark scripts: compose the real config, capture a run's history, start
+the MLflow logger a run uses."""
 
 from __future__ import annotations
 
@@ -39,3 +40,14 @@ def train_history(overrides: list[str]):
 def say(line: str = "") -> None:
     print(line, flush=True)
     sys.stdout.flush()
+
+
+def started_logger(db: Path, experiment: str, **options):
+    """The MLflow logger `logger=mlflow` builds (`options`: e.g. `in_process=True`), on the sqlite
+    file `db`, connected and with a run started; model logging off."""
+    from tunelab.tracking import mlflow_logger
+
+    logger = mlflow_logger(f"sqlite:///{db}", experiment, log_model=False, **options)
+    logger.connect_in_background()
+    logger.start({}, {})
+    return logger

@@ -295,11 +295,11 @@ class MlflowLogger(NullLogger):
 
     def log_lr_curves(self, curves: Mapping[str, list[float]], steps_per_epoch: int, name: str = "lr_curve.png") -> None:
         """The run's learning rate per param group and optimizer step, drawn as the figure `name`."""
-        import matplotlib.pyplot as plt
-
         from tunelab import plots
 
-        figure = plots.lr_curves(curves, steps_per_epoch)
+        figure = plots.lr_curves(curves, steps_per_epoch)  # picks matplotlib's Agg backend before pyplot loads
+        import matplotlib.pyplot as plt
+
         try:
             self.log_figure(figure, name)
         finally:
@@ -339,7 +339,6 @@ class MlflowLogger(NullLogger):
                 f"MLflow at {self._uri} could not store all of run {self.run_id} "
                 f"({str(error).splitlines()[0][:300]}); the run's checkpoint is still in its run folder"
             )
-
 
 
 def mlflow_logger(tracking_uri: str | None, experiment_name: str, run_name: str | None = None, log_model: bool = True,
@@ -567,7 +566,7 @@ class ProcessLogger(NullLogger):
     def log_lr_curves(self, curves: Mapping[str, list[float]], steps_per_epoch: int, name: str = "lr_curve.png") -> None:
         """Drawn and stored by the helper process, without a reply, while this process goes on (to
         log the model, on the other core); an error there is reported by `finish`."""
-        self._helper.send("log_lr_curves", {k: list(v) for k, v in curves.items()}, steps_per_epoch, name)
+        self._helper.send("log_lr_curves", dict(curves), steps_per_epoch, name)
 
     def log_artifact(self, path: str | Path) -> None:
         self._helper.call("log_artifact", str(Path(path).resolve()))
@@ -580,6 +579,7 @@ class ProcessLogger(NullLogger):
             return
         self.flush()
         self._helper.call("finish", status)
+
 
 def log_pytorch_model(uri: str, run_id: str, model, input_example) -> None:
     """`mlflow.pytorch.log_model(name="model")` into run `run_id` of the store at `uri`, with
@@ -625,6 +625,7 @@ def _environment_kept(*names: str):
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
 
 def process_tags() -> dict[str, str]:
     """Where and with what the run was made: host and pid (to spot dead runs), library versions,
