@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT, SMALL, metric_series, mlflow_runs
 from tunelab import tracking
@@ -162,3 +163,36 @@ def test_a_run_started_at_once_in_a_fresh_process_with_mlflow_in_threads(tmp_pat
     out = subprocess.run([sys.executable, "-c", script, uri], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert mlflow_runs(uri)[1][0].info.status == "FINISHED"
+
+
+class Branchy(torch.nn.Module):
+    """A model whose forward branches on its input's values, which torch.export cannot trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.linear(x) if x.sum() > 0 else -self.linear(x)
+
+
+def test_a_model_torch_export_cannot_trace_is_logged_in_the_pickle_format(tracking_uri, monkeypatch, caplog):
+    import mlflow.pytorch
+
+    torch.manual_seed(0)
+    model = Branchy().eval()
+    example = torch.rand(2, 4)
+    logger = tracking.mlflow_logger(tracking_uri, "tunelab")
+    logger.start({}, {})
+    logger.log_model(model, example.numpy())
+    logger.finish("FINISHED")
+    assert "logging it in the pickle format" in caplog.text
+    client, (run,) = mlflow_runs(tracking_uri)
+    assert run.info.status == "FINISHED"
+    (logged,) = client.search_logged_models([run.info.experiment_id])  # not also the failed pt2 attempt
+    assert logged.status == "READY" and logged.source_run_id == run.info.run_id
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
+    loaded = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    with torch.inference_mode():
+        assert torch.equal(loaded(example), model(example)) and torch.equal(loaded(-example), model(-example))

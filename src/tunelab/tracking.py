@@ -586,11 +586,13 @@ def log_pytorch_model(uri: str, run_id: str, model, input_example) -> None:
     explicit pip requirements (MLflow's own inference of them takes about 10 s).
 
     MLflow's safe `pt2` format (torch.export, traced on `input_example`, which should hold at
-    least two images so the batch size stays dynamic) is tried first; a model torch.export cannot
-    trace is saved in the pickle format instead, with a warning. MLflow's optional check of the
-    serving example (loading the saved model back and predicting, which only warns on failure) is
-    skipped: it was a fifth of the upload's time, and on a GPU machine it loaded the CPU-saved
-    model on CUDA and failed.
+    least two images so the batch size stays dynamic) is tried first. MLflow's optional check of
+    the serving example (loading the saved model back and predicting, which only warns on failure)
+    is skipped there: it was a fifth of the upload's time, and on a GPU machine it loaded the
+    CPU-saved model on CUDA and failed. A model torch.export cannot trace is saved in the pickle
+    format instead, with a warning; MLflow loads that only with
+    MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true. The check stays on for it, because MLflow passes
+    the pickle format's extra arguments on to torch.save, which rejects that one.
     """
     import mlflow
     import mlflow.pytorch
@@ -600,17 +602,22 @@ def log_pytorch_model(uri: str, run_id: str, model, input_example) -> None:
     with _environment_kept("MLFLOW_TRACKING_URI"):
         mlflow.set_tracking_uri(uri)
         with mlflow.start_run(run_id=run_id):
-            for fmt in ("pt2", "pickle"):
-                try:
-                    mlflow.pytorch.log_model(
-                        model, name="model", input_example=input_example, pip_requirements=pip_requirements(), serialization_format=fmt,
-                        validate_serving_input=False,
-                    )
-                    return
-                except Exception as err:
-                    if fmt == "pickle":
-                        raise
-                    log.warning("torch.export could not trace the model (%s); logging it in the pickle format", str(err).splitlines()[0][:200])
+            requirements = pip_requirements()
+            try:
+                mlflow.pytorch.log_model(
+                    model, name="model", input_example=input_example, pip_requirements=requirements, serialization_format="pt2",
+                    validate_serving_input=False,
+                )
+                return
+            except Exception as err:
+                log.warning(
+                    "torch.export could not trace the model (%s); logging it in the pickle format, which loads only with "
+                    "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true", str(err).splitlines()[0][:200],
+                )
+                failed = mlflow.last_logged_model()  # the attempt left a FAILED model entry in the run
+                if failed is not None and failed.source_run_id == run_id and failed.status == "FAILED":
+                    mlflow.MlflowClient().delete_logged_model(failed.model_id)
+            mlflow.pytorch.log_model(model, name="model", input_example=input_example, pip_requirements=requirements, serialization_format="pickle")
 
 
 @contextmanager
