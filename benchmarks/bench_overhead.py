@@ -3,7 +3,8 @@
     python benchmarks/bench_overhead.py [--epochs 5] [--runs 2]
 
 1. Per-epoch time, in one process, epochs of both alternating: tunelab's loop (resnet18, digits,
-   SGD + cosine stepped per step, lr and train/loss logged every step to MLflow, progress bar on)
+   SGD + cosine stepped per step, lr and train/loss logged every step to MLflow, progress bar on,
+   checkpoints as `python train.py` writes them, each write waited for within its epoch)
    against benchmarks/bare_loop.py's loop doing the same work. Target <= 1.03x.
 2. Per-step MLflow logging: the same tunelab loop with the logger `logger=mlflow` builds (MLflow in
    a helper process) against NullLogger. Target <= 1.01x. Then, for comparison, MLflow in threads
@@ -35,11 +36,12 @@ import bare_loop  # noqa: E402
 from common import ROOT, say, started_logger  # noqa: E402
 
 
-def tunelab_pieces(logger):
-    """The objects run.train builds for resnet18/digits/sgd/cosine, ready for loop.fit."""
+def tunelab_pieces(logger, folder: Path | None = None):
+    """The objects run.train builds for resnet18/digits/sgd/cosine, ready for loop.fit; with
+    `folder`, also its checkpoints there, at the default `trainer.checkpoint_min_interval_s`."""
     from omegaconf import OmegaConf
 
-    from tunelab import data, freezing, models
+    from tunelab import checkpoints, data, freezing, models
     from tunelab.schedules import build_schedule
 
     splits = data.digits(32, models.IMAGENET_MEAN, models.IMAGENET_STD, seed=42)
@@ -51,19 +53,32 @@ def tunelab_pieces(logger):
     val = data.make_loader(splits.val, 64, False, 42)
     cfg = OmegaConf.create({"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "T_max": None, "eta_min": 0.0, "interval": "step"})
     schedule = build_schedule(cfg, opt, len(train), 1000)
-    return dict(model=model, plan=plan, opt=opt, train=train, val=val, schedule=schedule, logger=logger, state=None)
+    interval = OmegaConf.load(ROOT / "conf" / "trainer" / "default.yaml").checkpoint_min_interval_s
+    saver = checkpoints.Saver(folder, interval, "val/acc") if folder is not None else None
+    return dict(model=model, plan=plan, opt=opt, train=train, val=val, schedule=schedule, logger=logger, state=None, saver=saver)
 
 
 def tunelab_epoch(p) -> float:
-    from tunelab import freezing, loop
+    from tunelab import checkpoints, freezing, loop
 
     state = p["state"] or loop.LoopState()
+    saver = p["saver"]
+
+    def save(loop_state, is_best: bool) -> None:  # what run.py saves, less what this loop lacks
+        saver.save({
+            "model": p["model"].state_dict(), "optimizer": p["opt"].state_dict(), "schedule": p["schedule"].state_dict(),
+            "rng": checkpoints.rng_state(), "loop": loop_state.to_dict(), "frozen": p["plan"].frozen,
+        }, loop_state, is_best)
+
     started = time.perf_counter()
     p["state"] = loop.fit(
         p["model"], p["train"], p["val"], p["opt"], p["schedule"], torch.nn.CrossEntropyLoss(), p["logger"],
         max_epochs=state.epoch + 1, device=torch.device("cpu"), state=state, progress=True,
         train_mode=lambda: freezing.train_mode(p["model"], p["plan"]), trainable_params=p["plan"].trainable_params,
+        save=save if saver is not None else None,
     )
+    if saver is not None:
+        saver.writer.close()  # this epoch's write, if any, is charged to this epoch, not to the next bare one
     return time.perf_counter() - started
 
 
@@ -162,7 +177,7 @@ def main() -> None:
         tmp = Path(name)
         os.environ.pop("MLFLOW_TRACKING_URI", None)
         logger = started_logger(tmp / "epochs.db", "bench")
-        t_tunelab, t_bare, ratio = side_by_side(tunelab_pieces(logger), tunelab_epoch, bare_pieces(), bare_epoch, args.epochs)
+        t_tunelab, t_bare, ratio = side_by_side(tunelab_pieces(logger, tmp / "ckpt"), tunelab_epoch, bare_pieces(), bare_epoch, args.epochs)
         say(f"1. epoch: tunelab {t_tunelab:.3f} s, bare loop {t_bare:.3f} s  ->  {ratio:.3f}x  (target <= 1.03)  {verdict(ratio <= 1.03)}")
         t_logged, t_null, ratio = side_by_side(tunelab_pieces(logger), tunelab_epoch, tunelab_pieces(NullLogger()), tunelab_epoch, args.epochs)
         logger.finish("FINISHED")

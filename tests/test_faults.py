@@ -114,6 +114,45 @@ def test_best_and_last_checkpoints(small_cfg, tracking_uri, tmp_path):
     assert last["run_id"] == runs[0].info.run_id and last["loop"]["epoch"] == 3
 
 
+def test_epoch_end_checkpoints_wait_for_the_interval_and_are_written_at_the_end(small_cfg, tmp_path, monkeypatch):
+    written = []
+    save_atomic = checkpoints.save_atomic
+
+    def recording(obj, path):
+        written.append((path.name, obj["loop"]["epoch"] if path.name == checkpoints.LAST else obj["epoch"]))
+        save_atomic(obj, path)
+
+    monkeypatch.setattr(checkpoints, "save_atomic", recording)
+    for interval, expected in (("30", [3]), ("0", [1, 2, 3])):
+        written.clear()
+        folder = tmp_path / interval
+        run.train(small_cfg("trainer.max_epochs=3", f"trainer.checkpoint_dir={folder}", f"trainer.checkpoint_min_interval_s={interval}"))
+        assert [epoch for name, epoch in written if name == checkpoints.LAST] == expected
+        last = torch.load(folder / "last.pt", weights_only=True)
+        accs = [e["val/acc"] for e in last["loop"]["epochs"]]
+        assert last["loop"]["epoch"] == 3 and torch.load(folder / "best.pt", weights_only=True)["epoch"] == accs.index(max(accs)) + 1
+    with pytest.raises(ConfigError, match=r"trainer.checkpoint_min_interval_s=-1 must be >= 0"):
+        run.train(small_cfg("trainer.checkpoint_min_interval_s=-1"))
+
+
+def test_a_held_checkpoint_reuses_its_tensors_and_is_written_only_when_flushed(tmp_path):
+    path = tmp_path / "last.pt"
+    writer = checkpoints.Writer()
+    writer.hold({"w": torch.ones(3), "n": 1, "history": [1.0]}, path)
+    held = writer._held[path]["w"]
+    writer.hold({"w": torch.full((3,), 2.0), "n": 2, "history": [1.0, 0.5]}, path)
+    assert writer._held[path]["w"] is held and not path.exists()
+    writer.flush_held()
+    writer.close()
+    saved = torch.load(path, weights_only=True)
+    assert saved["w"].tolist() == [2.0] * 3 and saved["n"] == 2 and saved["history"] == [1.0, 0.5]
+    writer.hold({"w": torch.zeros(3)}, path)
+    writer.submit({"w": torch.full((3,), 5.0)}, path)  # newer than the held one, which is dropped
+    writer.flush_held()
+    writer.close()
+    assert torch.load(path, weights_only=True)["w"].tolist() == [5.0] * 3
+
+
 def test_atomic_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     checkpoints.save_atomic({"v": torch.tensor(1)}, path)
@@ -154,7 +193,7 @@ def test_signal_writes_a_checkpoint_and_ends_killed(sig, tmp_path):
     folder = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), "trainer.max_epochs=50", "trainer.progress=false", "logger.log_model=false",
-         f"hydra.run.dir={folder}", "trainer.device=cpu"],
+         f"hydra.run.dir={folder}", "trainer.device=cpu", "trainer.checkpoint_min_interval_s=0"],
         cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )

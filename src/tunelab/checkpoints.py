@@ -6,6 +6,7 @@ global step, best metric, the history of lrs and epoch metrics), how many stages
 (gradual unfreezing), the MLflow run id and the resolved config. It is written to a temporary file
 and renamed, so a kill during the write leaves the previous one intact; it loads with
 `torch.load(weights_only=True)`. `best.pt` holds the weights of the best epoch by `monitor`.
+`Saver` decides when they are written.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import queue
 import random
 import threading
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -30,7 +32,7 @@ LAST = "last.pt"
 BEST = "best.pt"
 #: Config keys that may differ between a run and its resumption.
 RESUMABLE_CHANGES = ("trainer.resume", "trainer.progress", "trainer.device", "trainer.checkpoint_dir", "trainer.log_every_n_steps", "data.num_workers",
-                     "logger.in_process")
+                     "logger.in_process", "trainer.checkpoint_min_interval_s")
 
 
 def save_atomic(obj: Any, path: Path) -> None:
@@ -44,23 +46,54 @@ def save_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _refreshed(old: Any, new: Any) -> Any:
+    """A copy of `new` with its tensors in host memory, written into the tensors of `old` (an
+    earlier result) where shape and dtype match, so a held checkpoint costs no new allocation."""
+    if isinstance(new, torch.Tensor):
+        if isinstance(old, torch.Tensor) and old.shape == new.shape and old.dtype == new.dtype:
+            return old.copy_(new.detach())
+        return new.detach().to("cpu", copy=True)
+    if type(new) is dict:
+        old = old if type(old) is dict else {}
+        return {key: _refreshed(old.get(key), value) for key, value in new.items()}
+    if type(new) in (list, tuple):
+        old = old if type(old) is type(new) and len(old) == len(new) else [None] * len(new)
+        return type(new)(_refreshed(o, value) for o, value in zip(old, new))
+    return copy.deepcopy(new)
+
+
 class Writer:
     """Writes checkpoints in a background thread, in order, so training does not wait for the disk.
 
     `submit` takes a snapshot (tensors copied) and returns; `close` waits until everything is
-    written and re-raises a write error. At most two checkpoints wait at a time.
+    written and re-raises a write error. At most two checkpoints wait at a time. `hold` keeps a
+    snapshot in memory instead, replacing the one held for that path; `flush_held` writes them,
+    and `submit` of the same path drops it.
     """
 
     def __init__(self) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._thread: threading.Thread | None = None
+        self._held: dict[Path, Any] = {}
         self.error: BaseException | None = None
 
     def submit(self, obj: Any, path: Path) -> None:
+        self._held.pop(path, None)
+        self._put(copy.deepcopy(obj), path)
+
+    def hold(self, obj: Any, path: Path) -> None:
+        self._held[path] = _refreshed(self._held.get(path), obj)
+
+    def flush_held(self) -> None:
+        while self._held:
+            path = next(iter(self._held))
+            self._put(self._held.pop(path), path)  # the snapshot itself: it is not held any more
+
+    def _put(self, snapshot: Any, path: Path) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="tunelab-checkpoints", daemon=True)
             self._thread.start()
-        self._queue.put((copy.deepcopy(obj), path))
+        self._queue.put((snapshot, path))
 
     def _run(self) -> None:
         while True:
@@ -80,6 +113,44 @@ class Writer:
         if self.error is not None:
             error, self.error = self.error, None
             raise RuntimeError(f"could not write a checkpoint: {error}") from error
+
+
+class Saver:
+    """A run's checkpoints in `folder`: `last.pt` (everything needed to continue) and `best.pt` (the
+    weights of the best epoch by `monitor`), written by a Writer.
+
+    A save in the middle of an epoch (a stop, `trainer.checkpoint_every_n_steps`) is always
+    written. At an epoch's end `last.pt` is written only when `min_interval_s` seconds have passed
+    since the last write, so short epochs do not spend their time on the disk; otherwise the
+    snapshot is held in memory, to be written with the next write or by `flush`, which the run
+    calls however it ends. A kill -9 loses at most the held epochs.
+    """
+
+    def __init__(self, folder: Path, min_interval_s: float, monitor: str) -> None:
+        self.folder, self.min_interval_s, self.monitor = folder, min_interval_s, monitor
+        self.writer = Writer()
+        self.written_at = time.monotonic()
+
+    def save(self, last: dict, loop_state: Any, is_best: bool) -> None:
+        best = {"model": last["model"], "epoch": loop_state.epoch, self.monitor: loop_state.best} if is_best else None
+        if loop_state.batch or time.monotonic() - self.written_at >= self.min_interval_s:
+            self.writer.submit(last, self.folder / LAST)
+            if best is not None:
+                self.writer.submit(best, self.folder / BEST)
+            self.writer.flush_held()  # a best epoch whose write was put off
+            self.written_at = time.monotonic()
+        else:
+            self.writer.hold(last, self.folder / LAST)
+            if best is not None:
+                self.writer.hold(best, self.folder / BEST)
+
+    def flush(self) -> None:
+        self.writer.flush_held()
+
+    def close(self) -> None:
+        """Write what is held, wait for every write, and raise a write's error."""
+        self.writer.flush_held()
+        self.writer.close()
 
 
 def rng_state() -> dict:

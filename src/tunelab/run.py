@@ -128,6 +128,8 @@ def check_config(cfg: DictConfig) -> None:
     number("data.image_size", cfg.data.image_size, positive=True, integer=True)
     number("freeze.depth", cfg.freeze.depth, integer=True)
     number("seed", cfg.seed, integer=True)
+    number("trainer.checkpoint_min_interval_s", cfg.trainer.checkpoint_min_interval_s)
+    require(cfg.trainer.checkpoint_min_interval_s >= 0, f"trainer.checkpoint_min_interval_s={cfg.trainer.checkpoint_min_interval_s} must be >= 0 (0 = after every epoch)")
     require(str(cfg.trainer.precision) in ("32", "bf16-mixed", "16-mixed"), f"trainer.precision={cfg.trainer.precision} must be 32, bf16-mixed or 16-mixed")
     for key in ("limit_train_batches", "limit_val_batches"):
         value = cfg.trainer[key]
@@ -429,22 +431,17 @@ def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, ru
             finally:
                 plt.close(fig)
 
-    writer = checkpoints.Writer()
+    saver = checkpoints.Saver(run_dir, cfg.trainer.checkpoint_min_interval_s, cfg.monitor) if run_dir is not None and dist.is_main else None
 
     def save(loop_state: LoopState, is_best: bool) -> None:
-        if run_dir is None or not dist.is_main:
+        if saver is None:
             return
-        writer.submit(
-            {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "scaler": scaler.state_dict(), "rng": checkpoints.rng_state(), "loop": loop_state.to_dict(),
-                "frozen": plan.frozen, "run_id": logger.run_id, "config": params, "lr_used": lr,
-                **({"ema": ema.state_dict()} if ema is not None else {}),
-            },
-            run_dir / checkpoints.LAST,
-        )
-        if is_best:
-            writer.submit({"model": model.state_dict(), "epoch": loop_state.epoch, cfg.monitor: loop_state.best}, run_dir / checkpoints.BEST)
+        saver.save({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+            "scaler": scaler.state_dict(), "rng": checkpoints.rng_state(), "loop": loop_state.to_dict(),
+            "frozen": plan.frozen, "run_id": logger.run_id, "config": params, "lr_used": lr,
+            **({"ema": ema.state_dict()} if ema is not None else {}),
+        }, loop_state, is_best)
 
     if saved is not None:
         checkpoints.set_rng_state(saved["rng"])
@@ -467,7 +464,8 @@ def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, ru
                 logger.set_tag(EARLY_STOP_TAG, state.stop_reason)
         except (Interrupted, KeyboardInterrupt):
             status = "KILLED"
-            writer.close()
+            if saver is not None:
+                saver.close()
             if dist.is_main and run_dir is not None and (run_dir / checkpoints.LAST).is_file():
                 print(f"\nStopped. Continue this run with:\n  {resume_command(run_dir, dist.world_size)}\n", file=sys.stderr)
             if stop.signal is not None:
@@ -475,11 +473,14 @@ def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, ru
             raise
         finally:
             try:
+                if saver is not None:
+                    saver.flush()  # what the last epochs put off, whatever the outcome
                 if dist.is_main:  # the last checkpoints are written meanwhile
                     _log_results(logger, state.history, steps_per_epoch, model if status == "FINISHED" else None, splits)
             finally:
                 try:
-                    writer.close()
+                    if saver is not None:
+                        saver.close()
                 finally:
                     logger.finish(status)
     best = state.history.best(cfg.monitor)
