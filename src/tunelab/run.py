@@ -466,8 +466,8 @@ def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, ru
             status = "KILLED"
             if saver is not None:
                 saver.close()
-            if dist.is_main and run_dir is not None and (run_dir / checkpoints.LAST).is_file():
-                print(f"\nStopped. Continue this run with:\n  {resume_command(run_dir, dist.world_size)}\n", file=sys.stderr)
+                if (run_dir / checkpoints.LAST).is_file():
+                    print(f"\nStopped. Continue this run with:\n  {resume_command(run_dir, dist.world_size)}\n", file=sys.stderr)
             if stop.signal is not None:
                 raise SystemExit(128 + stop.signal) from None
             raise
