@@ -133,8 +133,71 @@ def test_logging_a_model_leaves_this_process_on_its_configured_store(tracking_ur
     logger.log_model(torch.nn.Linear(4, 2).eval(), torch.randn(2, 4).numpy())
     logger.finish("FINISHED")
     assert "MLFLOW_TRACKING_URI" not in os.environ
+    import mlflow
+
+    assert mlflow.get_tracking_uri() != tracking.helper_store_uri(tracking_uri)  # nor MLflow's own setting
     client, (run,) = mlflow_runs(tracking_uri)
     assert run.info.status == "FINISHED" and client.search_logged_models([run.info.experiment_id])
+
+
+@pytest.mark.slow
+def test_the_model_is_logged_through_the_helpers_open_store(tmp_path):
+    """The training process logs its model without opening the database itself (its SQL layer is
+    never imported there), and the model loads back and predicts as it did."""
+    script = (
+        "import sys, torch\n"
+        "from tunelab import tracking\n"
+        "torch.manual_seed(0)\n"
+        "model, example = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()).eval(), torch.rand(2, 4)\n"
+        "logger = tracking.mlflow_logger(sys.argv[1], 'tunelab')\n"
+        "logger.start({}, {})\n"
+        "logger.log_model(model, example.numpy())\n"
+        "logger.finish('FINISHED')\n"
+        "torch.save((model.state_dict(), example), sys.argv[2])\n"
+        "print(tracking.helper_store_uri(sys.argv[1]).split(':')[0], 'mlflow.store.tracking.sqlalchemy_store' in sys.modules)\n"
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    out = subprocess.run([sys.executable, "-c", script, uri, str(tmp_path / "model.pt")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == f"{tracking.HELPER_STORE_SCHEME} False"
+    client, (run,) = mlflow_runs(uri)
+    assert run.info.status == "FINISHED"
+    (logged,) = client.search_logged_models([run.info.experiment_id])
+    assert logged.status == "READY" and logged.source_run_id == run.info.run_id
+    import mlflow.pytorch
+
+    state, example = torch.load(tmp_path / "model.pt")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()).eval()
+    model.load_state_dict(state)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        loaded = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    with torch.inference_mode():
+        assert torch.allclose(loaded(example), model(example))
+
+
+def test_only_a_database_store_is_reached_through_the_helper(monkeypatch):
+    """A server's URI stays (MLflow finds the server's artifacts through it), and without tunelab's
+    MLflow plugin entry (tunelab not installed) the training process opens the store itself."""
+    sqlite = "sqlite:////tmp/mlflow.db"
+    assert tracking.helper_store_uri(sqlite) == f"{tracking.HELPER_STORE_SCHEME}:{sqlite}"
+    assert tracking.helper_store_uri("postgresql+psycopg2://u@h/db").startswith(f"{tracking.HELPER_STORE_SCHEME}:")
+    assert tracking.helper_store_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    monkeypatch.setattr(tracking, "_helper_store_registered", lambda: False)
+    assert tracking.helper_store_uri(sqlite) == sqlite
+
+
+def test_the_forwarded_store_reports_a_helper_that_is_gone(monkeypatch):
+    monkeypatch.setattr(tracking, "_helper", None)
+    store = tracking.HelperStore(f"{tracking.HELPER_STORE_SCHEME}:sqlite:///x.db")
+    with pytest.raises(tracking.ReportedError, match="helper process is not running"):
+        store.get_run("0" * 32)
+    with pytest.raises(AttributeError):
+        store._private
 
 
 def test_an_error_drawing_the_lr_curve_in_the_helper_is_reported_when_the_run_ends(tracking_uri):

@@ -11,6 +11,7 @@ neither imports MLflow at start-up nor shares its interpreter with the store's P
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -311,6 +312,11 @@ class MlflowLogger(NullLogger):
     def log_model(self, model, input_example) -> None:
         log_pytorch_model(self._uri, self.run_id, model, input_example)
 
+    def store_call(self, name: str, args: tuple, kwargs: dict):
+        """One method of this logger's tracking store, called for `HelperStore` in the training process."""
+        require(not name.startswith("_"), f"the tracking store has no public method {name!r}")
+        return getattr(self._client._tracking_client.store, name)(*args, **kwargs)
+
     def log_bytes(self, data: bytes, name: str) -> None:
         """A file made elsewhere (a rendered figure) as the artifact `name`."""
         import tempfile
@@ -382,6 +388,7 @@ class _Helper:
         os.close(from_child)
         self._out, self._in = Connection(inbox, readable=False), Connection(outbox, writable=False)
         self._calls = 0
+        self._lock = threading.Lock()  # MLflow may call the forwarded store (HelperStore) from its threads
         atexit.register(self.close)
 
     def alive(self) -> bool:
@@ -389,19 +396,21 @@ class _Helper:
 
     def send(self, op: str, *args) -> None:
         try:
-            self._out.send((op, 0, args))
+            with self._lock:
+                self._out.send((op, 0, args))
         except (OSError, EOFError, ValueError) as err:
             raise _gone(err) from None
 
     def call(self, op: str, *args):
-        self._calls += 1
-        number = self._calls
         try:
-            self._out.send((op, number, args))
-            while True:
-                answered, ok, value = self._in.recv()
-                if answered == number:  # an older reply was left by a call that Ctrl-C interrupted
-                    break
+            with self._lock:
+                self._calls += 1
+                number = self._calls
+                self._out.send((op, number, args))
+                while True:
+                    answered, ok, value = self._in.recv()
+                    if answered == number:  # an older reply was left by a call that Ctrl-C interrupted
+                        break
         except (OSError, EOFError, ValueError) as err:
             raise _gone(err) from None
         if not ok:
@@ -508,7 +517,8 @@ class ProcessLogger(NullLogger):
 
     The training process then never imports MLflow for logging (over a second of start-up) and
     never runs the tracking store's Python code beside its loop: a step's metrics are a list
-    append, a flush one message through a pipe. Only `log_model` runs here, as it needs the model.
+    append, a flush one message through a pipe. Only `log_model` runs here, as it needs the model,
+    and it reaches the database through the helper's open connection (`HelperStore`).
     """
 
     def __init__(self, tracking_uri: str | None, experiment_name: str, run_name: str | None = None, log_model: bool = True):
@@ -572,13 +582,66 @@ class ProcessLogger(NullLogger):
         self._helper.call("log_artifact", str(Path(path).resolve()))
 
     def log_model(self, model, input_example) -> None:
-        log_pytorch_model(self._uri, self.run_id, model, input_example)
+        """Logged here, where the model is, through the helper's open store where MLflow can be told
+        to use it (`HelperStore`): opening a database store here would import its SQL layer anew."""
+        log_pytorch_model(helper_store_uri(self._uri), self.run_id, model, input_example)
 
     def finish(self, status: str) -> None:
         if self.run_id is None:
             return
         self.flush()
         self._helper.call("finish", status)
+
+
+#: The URI scheme of `HelperStore`, registered with MLflow as a tracking-store plugin (pyproject.toml).
+HELPER_STORE_SCHEME = "tunelab-helper"
+#: The URI schemes of MLflow's database stores; the others (a server) cost nothing to open.
+_DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+def helper_store_uri(uri: str) -> str:
+    """`tunelab-helper:URI` for a database store when MLflow knows `HelperStore` (tunelab is
+    installed), else URI itself. A server's URI stays: MLflow finds its artifacts through it."""
+    if uri.split(":", 1)[0].split("+", 1)[0] not in _DATABASE_SCHEMES or not _helper_store_registered():
+        return uri
+    return f"{HELPER_STORE_SCHEME}:{uri}"
+
+
+@functools.cache
+def _helper_store_registered() -> bool:
+    from importlib.metadata import entry_points
+
+    target = f"{__name__}:{HelperStore.__name__}"
+    return any(e.name == HELPER_STORE_SCHEME and e.value == target for e in entry_points(group="mlflow.tracking_store"))
+
+
+class HelperStore:
+    """The tracking store MLflow opens in the training process for `tunelab-helper:` URIs: each
+    method call is made on the store of the helper process's current run, which is open already.
+
+    Logging a model then costs this process no second connection to the database (and none of
+    the second of imports that opening it takes). Only `log_model` uses it; the model's files
+    are written by MLflow here, to the artifact location the store gives.
+    """
+
+    def __init__(self, store_uri: str | None = None, artifact_uri: str | None = None) -> None:
+        self.store_uri = store_uri
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+
+        def forwarded(*args, **kwargs):
+            if _helper is None or not _helper.alive():
+                raise ReportedError(f"{self.store_uri}: the MLflow helper process is not running")
+            return _helper.call("store_call", name, args, kwargs)
+
+        forwarded.__name__ = name
+        return forwarded
+
+    def shut_down_async_logging(self) -> None:
+        """MLflow's `end_run` stops the store's queue of asynchronous logging; this one has none,
+        and the helper's store serves the rest of the run."""
 
 
 def log_pytorch_model(uri: str, run_id: str, model, input_example) -> None:
@@ -596,11 +659,13 @@ def log_pytorch_model(uri: str, run_id: str, model, input_example) -> None:
     """
     import mlflow
     import mlflow.pytorch
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which would steer this process's
-    # later runs (sweep jobs, the helper's next connection); the variable is put back after.
-    with _environment_kept("MLFLOW_TRACKING_URI"):
-        mlflow.set_tracking_uri(uri)
+    # MLflow's fluent API logs to its process-wide tracking URI, which mlflow.set_tracking_uri also
+    # exports as MLFLOW_TRACKING_URI. Both are put back after: else this process's later runs
+    # (sweep jobs, the helper's next connection) and its user's own MLflow calls would go to this
+    # store, or through the helper to whatever run it serves next.
+    with _environment_kept("MLFLOW_TRACKING_URI"), _use_tracking_uri(uri):
         with mlflow.start_run(run_id=run_id):
             requirements = pip_requirements()
             try:
