@@ -10,7 +10,7 @@ from tunelab import loop, run
 
 
 @pytest.mark.slow
-def test_train_py_leaves_the_contracted_run(tmp_path):
+def test_train_py_leaves_the_contracted_run(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [*SMALL, "trainer.limit_train_batches=5", "scheduler=cosine", "model=resnet18", "optimizer.lr=0.02"]
     proc = run_train(args, cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})
@@ -51,7 +51,7 @@ def test_train_py_leaves_the_contracted_run(tmp_path):
     assert {"config.yaml", "lr_curve.png"} <= artifacts
     import mlflow.pytorch
 
-    mlflow.set_tracking_uri(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # not mlflow.set_tracking_uri: it would outlast this test
     model = mlflow.pytorch.load_model(f"runs:/{r.info.run_id}/model")
     scores = model(torch.randn(3, 3, 32, 32))
     assert scores.shape == (3, 10)
