@@ -32,6 +32,15 @@ def alive(pid: int) -> bool:
     return not (status.exists() and "\nState:\tZ" in status.read_text())  # a zombie has ended
 
 
+def run_python(script: str, *args: str, cwd: Path | None = None, timeout: int = 300) -> str:
+    """The output of `python -c script args` in a fresh process, which must succeed. Without
+    MLFLOW_TRACKING_URI: it would win over the test's store."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    out = subprocess.run([sys.executable, "-c", script, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
 def test_everything_a_run_logs_arrives_through_the_helper(tracking_uri):
     uri = tracking_uri  # the fixture also clears MLFLOW_TRACKING_URI, which would win
     logger = tracking.mlflow_logger(uri, "tunelab")
@@ -77,11 +86,8 @@ def test_a_training_process_leaves_mlflow_and_the_lr_figure_to_the_helper(tmp_pa
         "run.train(compose_config([*SMALL, 'logger.log_model=false'], sys.argv[2]))\n"
         "print('mlflow' in sys.modules, 'matplotlib' in sys.modules)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # else it would win over the test's store
-    out = subprocess.run([sys.executable, "-c", script, str(ROOT / "tests"), f"sqlite:///{tmp_path / 'mlflow.db'}"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "False False"
+    out = run_python(script, str(ROOT / "tests"), f"sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path)
+    assert out.strip().splitlines()[-1] == "False False"
     client, (run,) = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert run.info.status == "FINISHED"
     assert "lr_curve.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -141,7 +147,7 @@ def test_logging_a_model_leaves_this_process_on_its_configured_store(tracking_ur
 
 
 @pytest.mark.slow
-def test_the_model_is_logged_through_the_helpers_open_store(tmp_path):
+def test_the_model_is_logged_through_the_helpers_open_store(tmp_path, monkeypatch):
     """The training process logs its model without opening the database itself (its SQL layer is
     never imported there), and the model loads back and predicts as it did."""
     script = (
@@ -157,11 +163,8 @@ def test_the_model_is_logged_through_the_helpers_open_store(tmp_path):
         "print(tracking.helper_store_uri(sys.argv[1]).split(':')[0], 'mlflow.store.tracking.sqlalchemy_store' in sys.modules)\n"
     )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    out = subprocess.run([sys.executable, "-c", script, uri, str(tmp_path / "model.pt")], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == f"{tracking.HELPER_STORE_SCHEME} False"
+    out = run_python(script, uri, str(tmp_path / "model.pt"), cwd=tmp_path)
+    assert out.strip().splitlines()[-1] == f"{tracking.HELPER_STORE_SCHEME} False"
     client, (run,) = mlflow_runs(uri)
     assert run.info.status == "FINISHED"
     (logged,) = client.search_logged_models([run.info.experiment_id])
@@ -171,11 +174,8 @@ def test_the_model_is_logged_through_the_helpers_open_store(tmp_path):
     state, example = torch.load(tmp_path / "model.pt")
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()).eval()
     model.load_state_dict(state)
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    try:
-        loaded = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
-    finally:
-        del os.environ["MLFLOW_TRACKING_URI"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    loaded = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
     with torch.inference_mode():
         assert torch.allclose(loaded(example), model(example))
 
@@ -222,9 +222,7 @@ def test_a_run_started_at_once_in_a_fresh_process_with_mlflow_in_threads(tmp_pat
         "logger.finish('FINISHED')\n"
     )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    out = subprocess.run([sys.executable, "-c", script, uri], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
+    run_python(script, uri, timeout=120)
     assert mlflow_runs(uri)[1][0].info.status == "FINISHED"
 
 
