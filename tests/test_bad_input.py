@@ -57,6 +57,8 @@ CATALOGUE = {
     "freeze depth too large": (["freeze.depth=9"], "freeze.depth=9", 2),
     "cuda without a GPU": (["trainer.device=cuda"], "trainer.device=cuda", 2),
     "scheduler key its class does not take": (["+scheduler.gamma=0.5"], "scheduler", 2),
+    "optimizer value its class rejects": (["optimizer.weight_decay=-1"], "optimizer: could not build torch.optim.SGD", 2),
+    "optimizer key its class does not take": (["+optimizer.betas=[0.9,0.99]"], "optimizer: could not build torch.optim.SGD", 2),
     "unreachable tracking server": (["logger.tracking_uri=http://127.0.0.1:{port}"], "127.0.0.1", 2),
     "in_process not a boolean": (["logger.in_process=maybe"], "logger.in_process", 2),
     "resume path that does not exist": (["trainer.resume={root}/runs/none/last.pt"], "trainer.resume", 2),

@@ -150,7 +150,15 @@ def optimizer_factory(optimizer_cfg: DictConfig, lr: float | None = None):
     partial_cfg = _without(optimizer_cfg, "layer_decay")
     if lr is not None:
         partial_cfg.lr = lr
-    return build(partial_cfg, "optimizer")
+    factory = build(partial_cfg, "optimizer")
+
+    def optimizer(params):
+        try:  # the values reach the class only now: torch checks them here
+            return factory(params)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"optimizer: could not build {partial_cfg._target_}: {err}") from None
+
+    return optimizer
 
 
 def run_tags(cfg: DictConfig) -> dict[str, str]:
