@@ -37,7 +37,18 @@ class NanAfter(nn.Module):
         if not torch.is_grad_enabled():  # validation
             return loss
         self.calls += 1
-        return loss * float("nan") if self.calls > self.after else loss
+        return self.broken(loss) if self.calls > self.after else loss
+
+    def broken(self, loss):
+        return loss * float("nan")
+
+
+class InfGradAfter(NanAfter):
+    """The same, but its value stays finite while its gradient turns infinite."""
+
+    def broken(self, loss):
+        loss.register_hook(lambda grad: grad * float("inf"))
+        return loss
 
 
 def _all_metrics(client, run_id):
@@ -184,6 +195,28 @@ def test_skip_nonfinite_counts_and_finishes(small_cfg, tracking_uri):
     client, runs = mlflow_runs(tracking_uri)
     assert runs[0].info.status == "FINISHED"
     assert [v for _, v in metric_series(client, runs[0].info.run_id, "train/skipped_batches")] == [0.0, 2.0]
+    # the two skipped steps have their lr but no train/loss (not a made-up 0)
+    assert [s for s, _ in metric_series(client, runs[0].info.run_id, "lr")] == list(range(8))
+    assert [s for s, _ in metric_series(client, runs[0].info.run_id, "train/loss")] == list(range(6))
+
+
+def test_skip_nonfinite_fails_when_every_batch_of_an_epoch_is_skipped(small_cfg, tracking_uri):
+    with pytest.raises(NonFiniteLossError, match=r"every batch of epoch 2 had a non-finite loss \(4 skipped"):
+        run.train(small_cfg("loss._target_=test_faults.NanAfter", "~loss.label_smoothing", "+loss.after=4",
+                            "trainer.skip_nonfinite=true", "trainer.max_epochs=3"))
+    client, runs = mlflow_runs(tracking_uri)
+    assert runs[0].info.status == "FAILED"
+
+
+def test_skip_nonfinite_skips_a_step_with_nonfinite_gradients(small_cfg, tracking_uri, tmp_path, caplog):
+    run.train(small_cfg("loss._target_=test_faults.InfGradAfter", "~loss.label_smoothing", "+loss.after=5",
+                        "trainer.skip_nonfinite=true", f"trainer.checkpoint_dir={tmp_path}"))
+    client, runs = mlflow_runs(tracking_uri)
+    assert runs[0].info.status == "FINISHED"
+    assert "skipped optimizer step 5: a finite loss gave non-finite gradients" in caplog.text
+    weights = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+    assert len(metric_series(client, runs[0].info.run_id, "train/loss")) == 8  # the losses themselves were finite
 
 
 @pytest.mark.slow

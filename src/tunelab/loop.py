@@ -269,6 +269,12 @@ def evaluate(model: nn.Module, loader, loss_fn, device: torch.device, precision:
     return {"val/loss": (total_loss / max(seen, 1)).item(), "val/acc": correct.item() / max(seen, 1)}
 
 
+def _finite_gradients(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every gradient the optimizer would apply is finite (one host sync)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
 def fit(
     model: nn.Module,
     train_loader,
@@ -332,7 +338,7 @@ def fit(
             on_epoch_start(epoch)
         train_mode()
         train_loader.sampler.set_epoch(epoch)
-        pending: list[tuple[int, dict[str, float], torch.Tensor]] = []
+        pending: list[tuple[int, dict[str, float], torch.Tensor, bool]] = []  # step, lrs, loss, whether any batch counted
         tally = _Tally(state.loss_sum, state.correct, state.seen, device)
         step_losses: list[torch.Tensor] = []  # the main-head losses of the batches of this optimizer step
         resume_at = state.batch
@@ -345,9 +351,12 @@ def fit(
             tally.fold()
             if not pending:
                 return
-            stacked = torch.stack([loss for _, _, loss in pending])
+            stacked = torch.stack([loss for _, _, loss, _ in pending])
             losses = (dist.sum(stacked) / dist.world_size if dist.enabled else stacked).tolist()
-            for (s, lrs, _), value in zip(pending, losses):
+            for (s, lrs, _, counted), value in zip(pending, losses):
+                if not counted:  # every batch of the step was skipped (trainer.skip_nonfinite): it has no loss
+                    logger.log_metrics(lrs, step=s)
+                    continue
                 if not math.isfinite(value):
                     raise NonFiniteLossError(
                         f"the training loss is {value} at optimizer step {s} (epoch {epoch + 1}, lr {lrs['lr']:.6g}); "
@@ -386,17 +395,20 @@ def fit(
                 step_loss = step_losses[0]
             else:  # the mean over the step's batches (a skipped batch counts as 0, as it adds no gradient)
                 step_loss = torch.stack(step_losses).sum() / in_step if step_losses else torch.zeros((), device=device)
-            step_losses = []
+            counted, step_losses = bool(step_losses), []
             lrs = lr_metrics(optimizer)
             for name, g in zip(group_names(optimizer), optimizer.param_groups):
                 history.lrs.setdefault(name, []).append(g["lr"])
-            scaler.step(optimizer)
-            scaler.update()
+            if skip_nonfinite and counted and not scaler.is_enabled() and not _finite_gradients(optimizer):
+                log.warning("skipped optimizer step %d: a finite loss gave non-finite gradients", state.step)
+            elif counted:  # (the grad scaler skips a step with non-finite gradients itself)
+                scaler.step(optimizer)
+                scaler.update()
             optimizer.zero_grad(set_to_none=True)
             schedule.after_optimizer_step()
             if ema is not None:
                 ema.update()
-            pending.append((state.step, lrs, step_loss))
+            pending.append((state.step, lrs, step_loss, counted))
             state.step += 1
             state.batch = i + 1
             bar.update()
@@ -412,6 +424,11 @@ def fit(
         drain(send=False)  # one store write per epoch end: the steps go with the epoch's metrics
         bar.close()
         total_loss, total_correct, total_seen = _all_processes(dist, tally.loss_sum, tally.correct, tally.seen, device)
+        if skip_nonfinite and not total_seen:
+            raise NonFiniteLossError(
+                f"every batch of epoch {epoch + 1} had a non-finite loss ({state.skipped} skipped so far, trainer.skip_nonfinite=true): "
+                "the weights have diverged; lower optimizer.lr or add warmup (scheduler.warmup_epochs)"
+            )
         metrics = {"train/loss": (total_loss / max(total_seen, 1)).item(), "train/acc": total_correct.item() / max(total_seen, 1)}
         metrics.update(evaluate(eval_model, val_loader, loss_fn, device, precision, channels_last, dist))
         if ema is not None:
