@@ -202,3 +202,22 @@ def test_single_runs_leave_the_statistics_blank(store, tmp_path):
     assert "0.9500 (n=1, no interval)" in summary and "too few runs to tell" in summary
     assert "1 of 3 runs failed: scheduler=onecycle" in summary
     assert (tmp_path / "comparison.png").stat().st_size > 20_000
+
+
+def test_runs_outside_a_sweep_are_grouped_by_what_they_logged(store, tmp_path):
+    """`--all`: a run that left a key at its default is the same configuration as one that set it
+    to that value, and `false` typed on the command line matches the logged `False`."""
+    client, experiment = store
+    runs = []
+    for overrides, scheduler, best in [("scheduler=cosine trainer.progress=false", "cosine", 0.95),
+                                       ("freeze.depth=0", "cosine", 0.93),  # the cosine default, depth 0 set explicitly
+                                       ("scheduler=step trainer.progress=False", "step", 0.90)]:
+        run_id = client.create_run(experiment, tags={"overrides": overrides, "scheduler": scheduler}).info.run_id
+        for key, value in (("freeze.depth", "0"), ("trainer.progress", "False"), ("seed", "42")):
+            client.log_param(run_id, key, value)
+        client.log_batch(run_id, metrics=[Metric("val/acc", v, 0, e) for e, v in enumerate(_curve(best))])
+        client.set_terminated(run_id, "FINISHED")
+        runs.append(client.get_run(run_id))
+    report = compare.compare_runs(client, runs, tmp_path)
+    assert report.swept == ["scheduler"]
+    assert {report.label(c): c.best.n for c in report.configs} == {"scheduler=cosine": 2, "scheduler=step": 1}

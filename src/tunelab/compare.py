@@ -4,8 +4,10 @@
     python -m tunelab.compare --parent RUN_ID          # one sweep
     python -m tunelab.compare --experiment NAME --out outputs/compare   # every run of an experiment
 
-Runs whose overrides differ only by `seed` and/or `data.fold` are repeats of one configuration.
-Per configuration the comparison gives n, the mean, the standard deviation and the 95 % confidence
+A configuration is the set of values of the keys that some run overrode, each read from what the
+run logged (the param, or the group's option tag), so a run that left a key at its default matches
+one that set it to the same value. Runs that differ only by `seed` and/or `data.fold` are repeats
+of one configuration. Per configuration the comparison gives n, the mean, the standard deviation and the 95 % confidence
 interval (Student t) of the best and the final val/acc; configurations are ranked by their mean best
 val/acc, and each one is tested against the winner (see RULE).
 
@@ -59,10 +61,15 @@ class Row:
     error: str
     curve: list[float] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
+    settings: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return self.status == "FINISHED" and not math.isnan(self.best)
+
+    def value(self, key: str) -> str:
+        """The run's value of a config key: its logged param or group tag, else its override."""
+        return self.settings.get(key, self.overrides.get(key, ""))
 
 
 @dataclass
@@ -95,7 +102,7 @@ def describe(values: list[float]) -> Stats:
 
 @dataclass
 class Config:
-    """The runs of one configuration: the same overrides but for the repeat keys."""
+    """The runs of one configuration: the same values of the swept keys."""
 
     values: dict[str, str]
     runs: list[Row]
@@ -193,6 +200,8 @@ def children(client, parent_id: str) -> list:
 
 
 def _row(client, run) -> Row:
+    from tunelab.tracking import GROUPS
+
     history = sorted(client.get_metric_history(run.info.run_id, METRIC), key=lambda m: m.step)
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "val/loss")]
     lrs = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "lr"), key=lambda m: m.step)]
@@ -214,13 +223,14 @@ def _row(client, run) -> Row:
         error=run.data.tags.get("tunelab.error", ""),
         curve=curve,
         lrs=lrs,
+        settings={**run.data.params, **{g: run.data.tags[g] for g in GROUPS if g in run.data.tags}},
     )
 
 
 def swept_keys(rows: list[Row]) -> list[str]:
-    """Override keys whose value differs between runs, scheduler and freeze first; not the repeat keys."""
+    """Overridden keys whose value differs between runs, scheduler and freeze first; not the repeat keys."""
     keys = {k for r in rows for k in r.overrides if k not in REPEAT_KEYS}
-    varying = [k for k in keys if len({r.overrides.get(k) for r in rows}) > 1]
+    varying = [k for k in keys if len({r.value(k) for r in rows}) > 1]
     order = {"scheduler": 0, "freeze": 1, "freeze.depth": 2}
     return sorted(varying, key=lambda k: (order.get(k, 9), k))
 
@@ -229,7 +239,7 @@ def group(rows: list[Row], swept: list[str]) -> list[Config]:
     """One Config per combination of swept values, in the order the runs started."""
     configs: dict[tuple, Config] = {}
     for r in rows:
-        values = {k: r.overrides.get(k, "") for k in swept}
+        values = {k: r.value(k) for k in swept}
         configs.setdefault(tuple(values.values()), Config(values, [])).runs.append(r)
     return list(configs.values())
 
@@ -395,7 +405,7 @@ def draw(report: Report):
 
     shown = set()  # one LR curve per value of the first swept key (the scheduler, in a scheduler sweep)
     for r in rows:
-        va = r.overrides.get(key_a, "") if key_a else ""
+        va = r.value(key_a) if key_a else ""
         if r.lrs and va not in shown:
             ax_lr.plot(r.lrs, color=colors[va], label=f"{key_a}={va}" if key_a else r.name)
             shown.add(va)

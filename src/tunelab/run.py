@@ -24,11 +24,10 @@ from tunelab import distributed, freezing, models
 from tunelab.errors import ConfigError, build, require
 from tunelab.loop import EarlyStopping, History, Interrupted, LoopState, WeightEMA, fit, training_loss
 from tunelab.schedules import EPOCH_METRICS, build_schedule
-from tunelab.tracking import KIND_TAG
+from tunelab.tracking import GROUPS, KIND_TAG
 
 log = logging.getLogger(__name__)
 
-GROUPS = ("model", "scheduler", "optimizer", "freeze", "data", "trainer", "logger")
 #: Tag of a run that early stopping ended, holding the reason.
 EARLY_STOP_TAG = "tunelab.stopped_early"
 

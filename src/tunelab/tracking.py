@@ -33,6 +33,8 @@ _BATCH_LIMIT = 1000
 #: Tags MLflow's UI reads: open in the classic (not GenAI) view, and group child runs under a parent.
 EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
 PARENT_RUN_TAG = "mlflow.parentRunId"
+#: The config groups; each run is tagged with the option chosen in each (`scheduler`=cosine, ...).
+GROUPS = ("model", "scheduler", "optimizer", "freeze", "data", "trainer", "logger")
 #: Tag of the runs that are not trainings (`lr_find` for an LR range test); comparisons skip them.
 KIND_TAG = "tunelab.kind"
 #: The process that trains: this one, or the one a helper process (ProcessLogger) works for.
