@@ -48,6 +48,8 @@ def torch_reference(name: str, sched_cfg, warmup_steps: int, interval: str, val_
           if k not in ("interval", "warmup_epochs", "warmup_start_factor", "monitor") and not k.startswith("_")}
     if "lr_lambda" in kw:
         kw["lr_lambda"] = instantiate(sched_cfg.lr_lambda)
+    if name == "step_decay":  # its `every` counts epochs: with interval=step, that many epochs of steps
+        kw["lr_lambda"] = instantiate(sched_cfg.lr_lambda, every=sched_cfg.lr_lambda.every * per)
     extra = {
         "cosine": {"T_max": units},
         "onecycle": {"max_lr": LR, "total_steps": units},
@@ -166,6 +168,10 @@ def test_cyclic_with_adam_does_not_cycle_momentum(small_cfg, tracking_uri):
         (["scheduler=plateau", "scheduler.monitor=val/acc"], "scheduler.mode"),
         (["scheduler=cosine", "scheduler.interval=batch"], "scheduler.interval"),
         (["scheduler=cosine", "+scheduler.not_a_key=1"], "scheduler"),
+        (["scheduler=step", "scheduler.step_size=0"], "scheduler.step_size"),
+        (["scheduler=step", "scheduler.gamma=-1"], "scheduler.gamma"),
+        (["scheduler=exponential", "scheduler.gamma=0"], "scheduler.gamma"),
+        (["scheduler=step_decay", "scheduler.lr_lambda.every=0"], "scheduler.lr_lambda.every"),
     ],
 )
 def test_bad_scheduler_input_names_the_key_before_training(overrides, key, small_cfg, tracking_uri):
@@ -187,5 +193,18 @@ def test_preview_cli_draws_several_schedulers(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert out.with_suffix(".png").stat().st_size > 10_000
     header, *rows = out.with_suffix(".csv").read_text().splitlines()
-    assert header.split(",") == ["step", "epoch", "step", "cosine", "onecycle", "cosine_restarts"]
+    assert header.split(",") == ["step", "epoch", "lr step", "lr cosine", "lr onecycle", "lr cosine_restarts"]
     assert len(rows) == 90 * 23
+
+
+def test_multistep_default_milestones_decay_once_each_in_a_short_run():
+    cfg = compose_config(["scheduler=multistep", "trainer.max_epochs=2", f"optimizer.lr={LR}"], "sqlite://")
+    assert lr_series(cfg, SPE) == pytest.approx([LR] * SPE + [LR * 0.1] * SPE)  # one milestone, at epoch 1, not two
+
+
+def test_step_decay_counts_epochs_with_either_interval():
+    for interval in ("epoch", "step"):
+        cfg = compose_config(["scheduler=step_decay", "scheduler.lr_lambda.every=2", f"scheduler.interval={interval}",
+                              "trainer.max_epochs=5", f"optimizer.lr={LR}"], "sqlite://")
+        per_epoch = [lr_series(cfg, SPE)[e * SPE] for e in range(5)]
+        assert per_epoch == pytest.approx([LR, LR, LR * 0.1, LR * 0.1, LR * 0.01]), interval

@@ -6,7 +6,7 @@
 Takes the same overrides as train.py; a comma list (any key) draws one curve per combination in one
 picture. The schedule is stepped by the same code the training loop uses, so the curve equals the
 `lr` series a run logs. `plateau` is drawn for a monitored metric that never improves. Writes a PNG
-and a CSV (one column per curve, one row per optimizer step).
+and a CSV (one row per optimizer step: `step`, `epoch`, then `lr <label>` per curve).
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     longest = max(len(v) for v in curves.values())
     with open(out.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["step", "epoch", *curves])
+        writer.writerow(["step", "epoch", *(f"lr {label}" for label in curves)])  # a curve may be named "step"
         for s in range(longest):
             writer.writerow([s, s // per_epoch, *(v[s] if s < len(v) else "" for v in curves.values())])
     for label, values in curves.items():

@@ -84,13 +84,25 @@ def _fill_lengths(
         if kwargs.get("cycle_momentum", True) and not _has_momentum(optimizer):
             log.info("CyclicLR: %s has no momentum to cycle; cycle_momentum=false", type(optimizer).__name__)
             kwargs["cycle_momentum"] = False
+    if name in ("StepLR", "MultiStepLR", "ExponentialLR") and isinstance(kwargs.get("gamma"), (int, float)):
+        require(kwargs["gamma"] > 0, f"scheduler.gamma must be > 0 (the lr is multiplied by it), got {kwargs['gamma']}")
     if name == "StepLR" and kwargs.get("step_size") is not None:
+        require(_positive(kwargs["step_size"]), f"scheduler.step_size must be a number of epochs > 0, got {kwargs['step_size']!r}")
         kwargs["step_size"] = max(1, int(round(kwargs["step_size"] * per_epoch)))
     if name == "MultiStepLR":
-        if kwargs.get("milestones") is None:
-            kwargs["milestones"] = [max_epochs // 2, (3 * max_epochs) // 4]
+        if kwargs.get("milestones") is None:  # half and three quarters of the run, once each in a short run
+            kwargs["milestones"] = sorted({m for m in (max_epochs // 2, (3 * max_epochs) // 4) if m > 0})
         kwargs["milestones"] = [int(round(m * per_epoch)) for m in kwargs["milestones"]]
+    decay = kwargs.get("lr_lambda") if name == "LambdaLR" else None
+    if isinstance(decay, dict) and decay.get("_target_") == f"{__name__}.{step_decay.__name__}" and decay.get("every") is not None:
+        every = decay["every"]
+        require(_positive(every), f"scheduler.lr_lambda.every must be a number of epochs > 0, got {every!r}")
+        decay["every"] = max(1, int(round(every * per_epoch)))  # the function counts the scheduler's steps
     return kwargs
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 class Schedule:
