@@ -21,4 +21,8 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     main()
+    from tunelab.sweep import failed_jobs
+
+    if failed_jobs():  # a sweep went on past its failed jobs (each is a FAILED run): say so in the exit status
+        raise SystemExit(1)
     skip_teardown()  # everything is stored: end without freeing torch's and MLflow's modules (1-3 s)

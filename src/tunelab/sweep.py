@@ -6,7 +6,8 @@ and a file `parent_run_id` in the sweep folder (jobs in other processes inherit 
 workers, submitit's local jobs and SLURM jobs under sbatch's default `--export=ALL`; a job started
 without it, e.g. under `--export=NONE`, reads the file on the shared file system). When the sweep
 ends it builds the comparison (tunelab.compare), logs it to the parent and writes it to the sweep
-folder. A job that fails is recorded as a FAILED child with its error, and the sweep goes on.
+folder. A job that fails is recorded as a FAILED child with its error, and the sweep goes on;
+`train.py` then exits with status 1 once the sweep is done (`failed_jobs`).
 
 The process that launched the sweep ends the parent KILLED when it exits early: on Ctrl-C, and on
 SIGTERM or SIGHUP (a closed terminal, `kill`) while those still have their default action. Jobs
@@ -74,6 +75,16 @@ def _sweep_folder(hydra_cfg: DictConfig) -> Path:
 _STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
+#: Jobs of this process's sweeps that failed: counted here for jobs run in this process, and taken
+#: from the comparison (the runs in MLflow) for jobs that ran elsewhere (joblib, submitit).
+_failed = 0
+
+
+def failed_jobs() -> int:
+    """How many jobs of the sweeps launched from this process failed."""
+    return _failed
+
+
 def _exit_on_signal(signum, frame) -> None:
     log.warning("%s received: the sweep stops and its parent run ends KILLED", signal.Signals(signum).name)
     raise SystemExit(128 + signum)
@@ -115,6 +126,8 @@ class MlflowSweepCallback(Callback):
         status = "FINISHED"
         try:
             report = compare.compare_runs(self.client, compare.children(self.client, self.parent_id), sweep_dir, parent_id=self.parent_id)
+            global _failed
+            _failed = max(_failed, sum(not row.ok for row in report.rows))
             print(report.summary())
             print(f"\nComparison: {report.png}\n            {report.markdown}\nLook at the runs:  mlflow ui --backend-store-uri {self.uri}")
         except Exception:
@@ -151,6 +164,8 @@ def job_failed(cfg: DictConfig, error: BaseException) -> None:
 
     from tunelab.run import run_tags
 
+    global _failed
+    _failed += 1
     if not _tracking_on(cfg):
         return
     parent = parent_run_id()
