@@ -2,6 +2,8 @@
 
 from tunelab.quick_exit import skip_teardown  # first: its exit hook must be the last one to run
 
+import sys  # noqa: E402
+
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
@@ -20,7 +22,11 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C outside training (which stops, saves and reports on its own): e.g. in the imports
+        print("\nInterrupted.", file=sys.stderr)
+        raise SystemExit(130) from None
     from tunelab.sweep import failed_jobs
 
     if failed_jobs():  # a sweep went on past its failed jobs (each is a FAILED run): say so in the exit status

@@ -244,6 +244,24 @@ def test_signal_writes_a_checkpoint_and_ends_killed(sig, tmp_path):
     assert runs[0].info.status == "KILLED"
 
 
+@pytest.mark.slow
+def test_ctrl_c_during_start_up_ends_quietly(tmp_path):
+    """Before training installs its own handler (here: while torch is imported) Ctrl-C ends the
+    process with 130 and one line, not a traceback through the imports."""
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 30
+    while time.time() < deadline and not (tmp_path / "run" / ".hydra").exists():  # the config is composed
+        time.sleep(0.02)
+    time.sleep(0.2)  # in the task now, importing torch
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "Interrupted." in err
+
+
 def test_unreachable_server_fails_fast_before_training(small_cfg, tracking_uri, monkeypatch):
     import socket
 
