@@ -724,12 +724,16 @@ def process_tags() -> dict[str, str]:
 
 
 def reap_dead_runs(client, experiment_id: str) -> None:
-    """Mark KILLED the RUNNING runs of this host whose process is gone (a `kill -9`, a power cut)."""
+    """Mark KILLED the RUNNING runs of this host whose process is gone (a `kill -9`, a power cut), in
+    every experiment of the store: the dead run may have used another `logger.experiment_name`."""
     import socket
 
     host = socket.gethostname()
     try:
-        runs = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=200)
+        experiments = {experiment_id} | {e.experiment_id for e in client.search_experiments(max_results=1000)}
+        runs = client.search_runs(
+            sorted(experiments), filter_string=f"attributes.status = 'RUNNING' and tags.`tunelab.host` = '{host}'", max_results=200,
+        )
     except Exception:
         return
     for run in runs:
