@@ -155,6 +155,27 @@ def test_weights_of_another_architecture_name_the_keys(tmp_path):
         models.torchvision_model("resnet18", num_classes=4, weights_path=str(path))
 
 
+@pytest.mark.parametrize("kind,message", [
+    ("random bytes", r"not a torch file: neither a torch\.save archive nor a pickle of tensors$"),
+    ("text", r"not a torch file"),
+    ("whole model", r"holds a pickled torchvision\.models\.resnet\.ResNet object, not a state dict.*model\.state_dict\(\)"),
+    ("cut short", r"a damaged torch archive"),
+])
+def test_unreadable_weights_file_says_what_it_is_in_one_sentence(kind, message, tmp_path):
+    path = tmp_path / "weights.pth"
+    if kind == "random bytes":
+        path.write_bytes(bytes(range(256)) * 20)
+    elif kind == "text":
+        path.write_text("hello\n")
+    else:
+        torch.save(models.torchvision_model("resnet18", num_classes=4), path)
+        if kind == "cut short":
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ConfigError, match=message) as caught:
+        models.torchvision_model("resnet18", num_classes=4, weights_path=str(path))
+    assert "\n" not in str(caught.value) and "weights_only` set to `False`" not in str(caught.value)
+
+
 def test_missing_weights_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"model.weights_path=.*nope\.pth: no such file"):
         models.torchvision_model("resnet18", num_classes=4, weights_path=str(tmp_path / "nope.pth"))

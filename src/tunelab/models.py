@@ -176,6 +176,23 @@ def replace_heads(model: nn.Module, num_classes: int) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _unreadable(err: Exception) -> str:
+    """What a failed `torch.load(weights_only=True)` says about the file, in one sentence (torch's
+    own text is a page long and suggests turning the safe loading off)."""
+    import re
+
+    text = str(err)
+    pickled = re.search(r"GLOBAL (\S+) was not an allowed global", text)
+    if pickled:
+        return (f"holds a pickled {pickled.group(1)} object, not a state dict; tunelab loads tensors only (the safe "
+                "torch.load(weights_only=True)). Save the weights with torch.save(model.state_dict(), path)")
+    if "central directory" in text or "PytorchStreamReader" in text:
+        return "a damaged torch archive (cut short or changed after it was saved); save or download it again"
+    if "WeightsUnpickler" in text or isinstance(err, (KeyError, EOFError)) or type(err).__name__ == "UnpicklingError":
+        return "not a torch file: neither a torch.save archive nor a pickle of tensors"
+    return f"not a readable torch state dict ({text.splitlines()[0][:300] if text else type(err).__name__})"
+
+
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load a state dict from `path` (`torch.load(weights_only=True)`) into `model`.
 
@@ -189,7 +206,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ConfigError(f"model.weights_path={path}: not a readable torch state dict ({err})") from None
+        raise ConfigError(f"model.weights_path={path}: {_unreadable(err)}") from None
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
         state = state["model"]
     require(isinstance(state, Mapping), f"model.weights_path={path}: expected a state dict, got {type(state).__name__}")
