@@ -330,7 +330,7 @@ def fit(
     if early_stopping:  # a resumed run continues the count where it was
         for past in history.epochs:
             early_stopping.update(past, past["epoch"])
-    log.info("Training: %d epochs of %d optimizer steps (%d batches each) on %s", max_epochs, steps_per_epoch, batches, device)
+    log.info("Training: %d epochs of %d optimizer steps each (%d batches per epoch) on %s", max_epochs, steps_per_epoch, batches, device)
     for epoch in range(state.epoch, max_epochs):
         started = time.perf_counter()
         state.epoch = epoch
