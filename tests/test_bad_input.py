@@ -83,6 +83,9 @@ def test_bad_input(case, files, tmp_path):
     assert proc.returncode == code, output[-2000:]
     assert named in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in output
+    if code == 2:  # tunelab's own message (Hydra's errors are Hydra's): once on the terminal, and in the job's log file
+        message = next(line for line in proc.stderr.splitlines() if line.startswith("Error: "))
+        assert output.count(message) == 1
     if (tmp_path / "mlflow.db").exists():
         _, runs = mlflow_runs(uri)
         assert all(r.info.status != "RUNNING" for r in runs)

@@ -70,8 +70,20 @@ def report_errors(task):
                 return float("nan")
             if not isinstance(err, ReportedError):
                 raise
-            logging.getLogger("tunelab").error("%s", err)
+            _to_log_files(str(err))
             print(f"Error: {err}", file=sys.stderr)
             raise SystemExit(err.exit_code) from None
 
     return wrapper
+
+
+def _to_log_files(message: str) -> None:
+    """`message` as an ERROR record in the log files only (Hydra's job log): the terminal shows it
+    once, as the `Error:` paragraph on stderr, not a second time through the console handler."""
+    import logging
+
+    logger = logging.getLogger("tunelab")
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "%s", (message,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
