@@ -134,6 +134,9 @@ def check_config(cfg: DictConfig) -> None:
         value = cfg.trainer[key]
         if value is not None:
             number(f"trainer.{key}", value, positive=True, integer=True)
+    weights = cfg.model.get("weights_path")
+    if weights:  # its contents are checked when the model is built; a typo in the path is caught now
+        require(Path(str(weights)).expanduser().is_file(), f"model.weights_path={weights}: no such file")
 
 
 def _without(node: DictConfig, *keys: str) -> DictConfig:
