@@ -395,12 +395,15 @@ def fit(
                 step_loss = step_losses[0]
             else:  # the mean over the step's batches (a skipped batch counts as 0, as it adds no gradient)
                 step_loss = torch.stack(step_losses).sum() / in_step if step_losses else torch.zeros((), device=device)
-            counted, step_losses = bool(step_losses), []
+            used, step_losses = len(step_losses), []
+            counted = used > 0
             lrs = lr_metrics(optimizer)
             for name, g in zip(group_names(optimizer), optimizer.param_groups):
                 history.lrs.setdefault(name, []).append(g["lr"])
             if skip_nonfinite and counted and not scaler.is_enabled() and not _finite_gradients(optimizer):
-                log.warning("skipped optimizer step %d: a finite loss gave non-finite gradients", state.step)
+                state.skipped += used
+                log.warning("skipped optimizer step %d: its loss was finite, its gradients not (%d skipped so far)",
+                            state.step, state.skipped)
             elif counted:  # (the grad scaler skips a step with non-finite gradients itself)
                 scaler.step(optimizer)
                 scaler.update()
