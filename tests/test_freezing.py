@@ -70,6 +70,18 @@ def test_gradual_unfreezing_adds_groups_at_the_right_epochs(small_cfg, tracking_
     assert counts == [numel["fc"], numel["fc"] + numel["layer4"], numel["fc"] + numel["layer4"] + numel["layer3"]]
 
 
+def test_lr_figure_draws_a_later_stage_from_the_step_it_joined():
+    from tunelab import plots
+
+    curves = {"head": [0.1] * 9, "layer4": [0.05] * 6, "layer3": [0.025] * 3}
+
+    def starts(fig):
+        return {line.get_label(): line.get_xdata()[0] for line in fig.axes[0].lines if not line.get_label().startswith("_")}
+
+    assert starts(plots.lr_curves(curves, 3, end_together=True)) == {"head": 0, "layer4": 3, "layer3": 6}  # a run's groups
+    assert starts(plots.lr_curves(curves, 3)) == {"head": 0, "layer4": 0, "layer3": 0}  # a preview's schedules
+
+
 def test_unfreezing_follows_onecycle_and_plateau(small_cfg, tracking_uri):
     for scheduler in ("onecycle", "plateau", "cyclic"):
         run.train(small_cfg("freeze.depth=-1", "freeze.unfreeze_every=1", f"scheduler={scheduler}",

@@ -300,7 +300,7 @@ class MlflowLogger(NullLogger):
         """The run's learning rate per param group and optimizer step, drawn as the figure `name`."""
         from tunelab import plots
 
-        figure = plots.lr_curves(curves, steps_per_epoch)  # picks matplotlib's Agg backend before pyplot loads
+        figure = plots.lr_curves(curves, steps_per_epoch, end_together=True)  # picks matplotlib's Agg backend before pyplot loads
         import matplotlib.pyplot as plt
 
         try:
