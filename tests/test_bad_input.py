@@ -66,6 +66,10 @@ CATALOGUE = {
     "EMA decay of 1": (["trainer.ema_decay=1"], "trainer.ema_decay", 2),
     "fold outside the folds": (["data.folds=5", "data.fold=5"], "data.fold=5", 2),
     "early stopping without patience": (["trainer.early_stopping.patience=-1"], "trainer.early_stopping.patience", 2),
+    "early stopping with a patience of 0": (["trainer.early_stopping.patience=0"], "trainer.early_stopping.patience", 2),
+    "negative unfreeze_every": (["freeze.depth=2", "freeze.unfreeze_every=-1"], "freeze.unfreeze_every", 2),
+    "fractional unfreeze_every": (["freeze.depth=2", "freeze.unfreeze_every=1.5"], "freeze.unfreeze_every", 2),
+    "negative num_workers": (["data.num_workers=-1"], "data.num_workers", 2),
 }
 
 

@@ -134,6 +134,13 @@ def check_config(cfg: DictConfig) -> None:
         value = cfg.trainer[key]
         if value is not None:
             number(f"trainer.{key}", value, positive=True, integer=True)
+    every = cfg.freeze.get("unfreeze_every") or 0
+    number("freeze.unfreeze_every", every, integer=True)
+    require(every >= 0, f"freeze.unfreeze_every={every} must be >= 0: unfreeze a stage every that many epochs (0 = never)")
+    workers = cfg.data.get("num_workers")
+    if workers is not None:
+        number("data.num_workers", workers, integer=True)
+        require(workers >= 0, f"data.num_workers={workers} must be >= 0 (0 = load in the training process, null = min(4, cores - 1))")
     weights = cfg.model.get("weights_path")
     if weights:  # its contents are checked when the model is built; a typo in the path is caught now
         require(Path(str(weights)).expanduser().is_file(), f"model.weights_path={weights}: no such file")
@@ -401,7 +408,7 @@ def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, ru
 
     ema = WeightEMA(trained, cfg.trainer.ema_decay) if cfg.trainer.ema_decay is not None else None
     stopping = cfg.trainer.early_stopping
-    early_stopping = EarlyStopping(stopping.patience, stopping.monitor, stopping.mode, stopping.min_delta) if stopping.patience else None
+    early_stopping = EarlyStopping(stopping.patience, stopping.monitor, stopping.mode, stopping.min_delta) if stopping.patience is not None else None
 
     if cfg.trainer.compile:
         log.info("Compiling the trained module with torch.compile (the first steps are slow)")
