@@ -98,6 +98,43 @@ def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_resume_mid_epoch_on_image_files_equals_an_uninterrupted_run(small_cfg, tracking_uri, tmp_path, monkeypatch):
+    """Files read by a DataLoader, random crops and flips, dropout: the batches before the stop are
+    not read again and the loader draws nothing from the restored global RNG."""
+    import numpy as np
+    from PIL import Image
+
+    from tunelab.loop import Interrupted
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("val", 3)):
+        for label in ("a", "b"):
+            (tmp_path / "photos" / split / label).mkdir(parents=True)
+            for k in range(n):
+                pixels = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8) // (2 if label == "a" else 1)
+                Image.fromarray(pixels).save(tmp_path / "photos" / split / label / f"{k}.png")
+    common = ("data=folder", f"data.dataset.root={tmp_path / 'photos'}", "data.image_size=32", "data.batch_size=4",
+              "data.num_workers=0", "model=mobilenet_v3_small", "trainer.deterministic=true", "trainer.limit_train_batches=5")
+    run.train(small_cfg(*common, f"trainer.checkpoint_dir={tmp_path}/straight", "logger.experiment_name=straight"))
+
+    checks = {"n": 0}
+
+    def stop_in_epoch_2(self):  # asked after every optimizer step and epoch: 5 steps, the end of epoch 1, 2 steps
+        checks["n"] += 1
+        return checks["n"] == 8
+
+    with monkeypatch.context() as patch:
+        patch.setattr(run._StopFlag, "__call__", stop_in_epoch_2)
+        with pytest.raises(Interrupted):
+            run.train(small_cfg(*common, f"trainer.checkpoint_dir={tmp_path}/stopped", "logger.experiment_name=stopped"))
+    stopped = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)["loop"]
+    assert stopped["epoch"] == 1 and 0 < stopped["batch"] < 5
+    run.train(small_cfg(*common, f"trainer.checkpoint_dir={tmp_path}/stopped", "logger.experiment_name=stopped", "trainer.resume=auto"))
+    wa = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_same_seed_twice_is_identical_and_logs_provenance(small_cfg, tracking_uri, tmp_path):
     finals = []
     for i in range(2):

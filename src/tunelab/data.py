@@ -325,6 +325,7 @@ class EpochSampler(Sampler[int]):
     def __init__(self, size: int, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1, pad: bool = True):
         self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
         self.rank, self.world_size, self.pad = rank, world_size, pad
+        self.skip = 0  # leading indices the next iteration leaves out (a run resumed mid-epoch)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -343,7 +344,8 @@ class EpochSampler(Sampler[int]):
         return order[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.order().tolist())
+        skip, self.skip = self.skip, 0
+        return iter(self.order().tolist()[skip:])
 
     def __len__(self) -> int:
         if self.world_size == 1:
@@ -401,13 +403,21 @@ class _LimitedLoader:
 
     def __init__(self, loader: DataLoader, limit: int | None):
         self.loader, self.limit, self.sampler = loader, limit, loader.sampler
+        self._start = 0
 
     def __len__(self) -> int:
         return len(self.loader) if self.limit is None else min(len(self.loader), self.limit)
 
+    def start_at(self, batch: int) -> None:
+        """Begin the next iteration at batch `batch` of the epoch without reading the ones before
+        it: a resumed run then neither loads them nor draws their random augmentations."""
+        self._start = batch
+        self.sampler.skip = batch * self.loader.batch_size
+
     def __iter__(self):
+        stop, self._start = len(self) - self._start, 0
         for i, batch in enumerate(self.loader):
-            if i >= len(self):
+            if i >= stop:
                 break
             yield batch
 
@@ -442,6 +452,9 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
+        # its own generator for the workers' base seed: each new iterator would otherwise draw it
+        # from the global RNG, which a resumed run restores to the middle of the epoch
+        generator=torch.Generator().manual_seed(seed),
     )
     return _LimitedLoader(loader, limit_batches)
 

@@ -376,7 +376,11 @@ def fit(
             if save:
                 save(state, is_best)
 
-        for i, (x, y) in enumerate(train_loader):
+        first = 0
+        if resume_at and hasattr(train_loader, "start_at"):  # file-backed data: skip the batches unread
+            train_loader.start_at(resume_at)
+            first = resume_at
+        for i, (x, y) in enumerate(train_loader, start=first):
             if i < resume_at:
                 continue
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
