@@ -86,3 +86,13 @@ def test_one_torchrun_process_is_plain_train_py(tmp_path):
     for key in ("train/loss", "val/acc", "val/loss"):
         assert metric_series(ca, ra.info.run_id, key) == metric_series(cb, rb.info.run_id, key), key
     assert torch.distributed.is_available()
+
+
+def test_resume_command_names_torchrun_and_its_rendezvous(monkeypatch, tmp_path):
+    from tunelab.run import resume_command
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert resume_command(tmp_path) == f"python train.py trainer.resume=auto hydra.run.dir={tmp_path}"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert resume_command(tmp_path, 2).startswith("torchrun --standalone --nproc_per_node=2 train.py ")
+    assert resume_command(tmp_path, 4).startswith("torchrun <your --nnodes and --rdzv-* options> --nproc_per_node=2 train.py ")

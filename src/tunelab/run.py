@@ -513,7 +513,11 @@ def resume_command(run_dir: Path, processes: int = 1) -> str:
     if HydraConfig.initialized():
         overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("trainer.resume=", "hydra.run.dir="))]
     args = [*overrides, "trainer.resume=auto", f"hydra.run.dir={run_dir}"]
-    launcher = f"torchrun --nproc_per_node={processes}" if processes > 1 else "python"
+    launcher = "python"
+    if processes > 1:  # torchrun's own options are not in Hydra's overrides: one node, or say what to add
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", processes))
+        rendezvous = "--standalone" if local == processes else "<your --nnodes and --rdzv-* options>"
+        launcher = f"torchrun {rendezvous} --nproc_per_node={local}"
     return f"{launcher} train.py " + " ".join(shlex.quote(a) for a in args)
 
 
