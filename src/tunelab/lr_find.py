@@ -162,11 +162,11 @@ def range_test(
                 bar.set_postfix(lr=f"{lr:.3g}", loss=f"{smooth:.4f}", refresh=False)
                 step += 1
                 if not math.isfinite(smooth):
-                    result.stopped = f"stopped at step {step} of {steps}: the loss is {value} at lr {lr:.3g}"
+                    result.stopped = f"stopped after {step} of {steps} steps: the loss is {value} at lr {lr:.3g}"
                     break
                 best = min(best, smooth)
                 if step > SKIP_START and smooth > diverge * best:
-                    result.stopped = f"stopped at step {step} of {steps}: the smoothed loss exceeded {diverge:g} x its minimum (diverged) at lr {lr:.3g}"
+                    result.stopped = f"stopped after {step} of {steps} steps: the smoothed loss exceeded {diverge:g} x its minimum (diverged) at lr {lr:.3g}"
                     break
                 if step >= steps:
                     break
