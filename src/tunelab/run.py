@@ -428,7 +428,11 @@ def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, ru
         scaler.load_state_dict(saved["scaler"])
         if ema is not None:
             ema.load_state_dict(saved["ema"])
-        log.info("Resuming from %s at epoch %d, batch %d (optimizer step %d)", resume_from, state.epoch + 1, state.batch, state.step)
+        if state.epoch >= cfg.trainer.max_epochs or state.stop_reason:
+            log.warning("%s holds a run that had finished training (%d epochs%s): nothing is trained, its results are logged again",
+                        resume_from, state.epoch, f", {state.stop_reason}" if state.stop_reason else "")
+        else:
+            log.info("Resuming from %s at epoch %d, batch %d (optimizer step %d)", resume_from, state.epoch + 1, state.batch, state.step)
 
     if saved is not None and saved.get("run_id"):
         logger.resume(saved["run_id"])
