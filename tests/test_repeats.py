@@ -119,6 +119,17 @@ def test_early_stopping_ends_a_plateaued_run_finished_with_the_reason(small_cfg,
     assert "did not improve" in r.data.tags[run.EARLY_STOP_TAG]
 
 
+def test_resuming_an_early_stopped_run_trains_no_further(small_cfg, tracking_uri, tmp_path, caplog):
+    overrides = ("freeze=head", "optimizer.lr=1e-12", "trainer.max_epochs=6", "trainer.early_stopping.patience=2",
+                 f"trainer.checkpoint_dir={tmp_path}")
+    run.train(small_cfg(*overrides))
+    run.train(small_cfg(*overrides, "trainer.resume=auto"))
+    client, runs = mlflow_runs(tracking_uri)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert [s for s, _ in metric_series(client, runs[0].info.run_id, "val/acc")] == [0, 1, 2]
+    assert "had finished training (3 epochs, " in caplog.text
+
+
 def test_ema_monitor_without_ema_is_a_config_error(small_cfg):
     with pytest.raises(ConfigError, match="trainer.ema_decay"):
         run.check_config(small_cfg("trainer.early_stopping.monitor=val/acc_ema"))

@@ -331,7 +331,7 @@ def fit(
         for past in history.epochs:
             early_stopping.update(past, past["epoch"])
     log.info("Training: %d epochs of %d optimizer steps each (%d batches per epoch) on %s", max_epochs, steps_per_epoch, batches, device)
-    for epoch in range(state.epoch, max_epochs):
+    for epoch in range(state.epoch, max_epochs if state.stop_reason is None else state.epoch):  # early stopping ended it
         started = time.perf_counter()
         state.epoch = epoch
         if state.batch == 0 and on_epoch_start:
