@@ -52,6 +52,7 @@ CATALOGUE = {
     "no epochs": (["trainer.max_epochs=0"], "trainer.max_epochs", 2),
     "missing data folder": (["data=folder", "data.dataset.root={root}/nowhere"], "nowhere", 2),
     "class without images": (["data=folder", "data.dataset.root={root}/photos", "data.image_size=32"], "b", 2),
+    "CIFAR-10 not on disk (no download here)": (["data=cifar10", "data.dataset.root={root}/nocifar"], "no intact CIFAR-10", 2),
     "missing weights file": (["model.weights_path={root}/missing.pth"], "missing.pth", 2),
     "weights of another architecture": (["model.weights_path={root}/mobilenet_v2.pth"], "mobilenet_v2.pth", 2),
     "freeze depth too large": (["freeze.depth=9"], "freeze.depth=9", 2),

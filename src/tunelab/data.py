@@ -257,9 +257,9 @@ def cifar10(
     try:
         train = CIFAR10(root, train=True, download=download, transform=_folder_transforms(image_size, mean, std, augment))
         val = CIFAR10(root, train=False, download=download, transform=_folder_transforms(image_size, mean, std, False))
-    except RuntimeError as err:
+    except RuntimeError:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
         raise ConfigError(
-            f"data.dataset.root={root}: {err} Put the extracted cifar-10-batches-py/ there, "
+            f"data.dataset.root={root}: no intact CIFAR-10 there. Put the extracted cifar-10-batches-py/ there, "
             "or set data.dataset.download=true on a machine with a network."
         ) from None
     return Splits(train, val, list(train.classes))
