@@ -367,14 +367,20 @@ class TensorBatches:
                  pin_memory: bool = False):
         self.tensors, self.batch_size, self.sampler, self.limit = dataset.tensors, batch_size, sampler, limit
         self.pin_memory = pin_memory and self.tensors[0].device.type == "cpu" and torch.cuda.is_available()
+        self._start = 0
 
     def __len__(self) -> int:
         n = -(-len(self.sampler) // self.batch_size)
         return n if self.limit is None else min(n, self.limit)
 
+    def start_at(self, batch: int) -> None:
+        """Begin the next iteration at batch `batch` of the epoch (a run resumed mid-epoch)."""
+        self._start = batch
+
     def __iter__(self):
+        start, self._start = self._start, 0
         order = self.sampler.order().to(self.tensors[0].device)
-        for i in range(len(self)):
+        for i in range(start, len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             batch = tuple(t[idx] for t in self.tensors)
             yield tuple(t.pin_memory() for t in batch) if self.pin_memory else batch
@@ -433,7 +439,8 @@ def make_loader(
     rank: int = 0,
     world_size: int = 1,
 ):
-    """A loader with `sampler.set_epoch(epoch)`: TensorBatches for tensors, a DataLoader otherwise.
+    """A loader with `sampler.set_epoch(epoch)` and `start_at(batch)`: TensorBatches for tensors, a
+    DataLoader otherwise.
 
     `num_workers=None` picks min(4, cores - 1) for file-backed sets. In a data-parallel run each
     process gets its shard (`rank` of `world_size`): padded to equal length when shuffled

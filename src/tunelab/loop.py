@@ -376,13 +376,8 @@ def fit(
             if save:
                 save(state, is_best)
 
-        first = 0
-        if resume_at and hasattr(train_loader, "start_at"):  # file-backed data: skip the batches unread
-            train_loader.start_at(resume_at)
-            first = resume_at
-        for i, (x, y) in enumerate(train_loader, start=first):
-            if i < resume_at:
-                continue
+        train_loader.start_at(resume_at)  # a resumed epoch does not read its first batches again
+        for i, (x, y) in enumerate(train_loader, start=resume_at):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             in_step = min(accumulate, batches - (i // accumulate) * accumulate)
             loss, full, logits = training_loss(model, x, y, loss_fn, device, precision, channels_last)
