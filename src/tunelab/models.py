@@ -193,6 +193,13 @@ def _unreadable(err: Exception) -> str:
     return f"not a readable torch state dict ({text.splitlines()[0][:300] if text else type(err).__name__})"
 
 
+def weights_file(path: str | Path) -> Path:
+    """`model.weights_path` as a path, or ConfigError when there is no such file."""
+    file = Path(str(path)).expanduser()
+    require(file.is_file(), f"model.weights_path={path}: no such file")
+    return file
+
+
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load a state dict from `path` (`torch.load(weights_only=True)`) into `model`.
 
@@ -201,8 +208,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     A tunelab checkpoint (a dict with a "model" entry) works too. Any other missing, unexpected or
     mis-shaped key is an error naming the keys.
     """
-    file = Path(str(path)).expanduser()
-    require(file.is_file(), f"model.weights_path={path}: no such file")
+    file = weights_file(path)
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:

@@ -141,9 +141,8 @@ def check_config(cfg: DictConfig) -> None:
     if workers is not None:
         number("data.num_workers", workers, integer=True)
         require(workers >= 0, f"data.num_workers={workers} must be >= 0 (0 = load in the training process, null = min(4, cores - 1))")
-    weights = cfg.model.get("weights_path")
-    if weights:  # its contents are checked when the model is built; a typo in the path is caught now
-        require(Path(str(weights)).expanduser().is_file(), f"model.weights_path={weights}: no such file")
+    if cfg.model.get("weights_path"):  # its contents are checked when the model is built; a typo in the path is caught now
+        models.weights_file(cfg.model.weights_path)
 
 
 def _without(node: DictConfig, *keys: str) -> DictConfig:
