@@ -257,3 +257,47 @@ def test_a_model_torch_export_cannot_trace_is_logged_in_the_pickle_format(tracki
     loaded = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
     with torch.inference_mode():
         assert torch.equal(loaded(example), model(example)) and torch.equal(loaded(-example), model(-example))
+
+
+@pytest.fixture
+def fresh_scan(monkeypatch):
+    """PackageScan with no scan started or answered in this process yet."""
+    monkeypatch.setattr(tracking.PackageScan, "_process", None)
+    monkeypatch.setattr(tracking.PackageScan, "_result", None)
+    return tracking.PackageScan
+
+
+def test_the_package_scan_answers_as_importlib_metadata_does_and_only_within_the_upload(fresh_scan):
+    import importlib_metadata
+
+    original = importlib_metadata.packages_distributions
+    fresh_scan.start()
+    assert fresh_scan._process is not None
+    with fresh_scan.used():
+        assert importlib_metadata.packages_distributions is not original
+        answered = importlib_metadata.packages_distributions()
+        answered["torch"].append("changed by the caller")  # MLflow updates the map it is given
+        assert "changed by the caller" not in importlib_metadata.packages_distributions()["torch"]
+    assert importlib_metadata.packages_distributions is original
+    expected = original()
+    answered["torch"].pop()
+    assert answered == expected
+    fresh_scan.start()  # answered once per process
+    assert fresh_scan._process is None
+
+
+@pytest.mark.parametrize("code", ["import sys; sys.exit(3)", "print('not a map')", "import time; time.sleep(60)"])
+def test_a_failed_or_late_package_scan_leaves_the_scan_to_mlflow(fresh_scan, monkeypatch, code):
+    import importlib_metadata
+
+    monkeypatch.setattr(fresh_scan, "_CODE", code)
+    calls = []
+    monkeypatch.setattr(importlib_metadata, "packages_distributions", lambda: calls.append(1) or {"torch": ["torch"]})
+    fresh_scan.start()
+    process = fresh_scan._process
+    real = fresh_scan.result
+    monkeypatch.setattr(fresh_scan, "result", lambda wait_s=1.0: real(0.5))
+    with fresh_scan.used():
+        assert importlib_metadata.packages_distributions() == {"torch": ["torch"]}
+    assert calls == [1]
+    assert process.poll() is not None  # a late one was stopped

@@ -355,6 +355,8 @@ def mlflow_logger(tracking_uri: str | None, experiment_name: str, run_name: str 
     by threads of the training process with `logger.in_process=true` (`MlflowLogger`)."""
     require(isinstance(in_process, bool), f"logger.in_process={in_process!r} must be true or false")
     args = (tracking_uri, experiment_name, run_name, log_model)
+    if log_model is not False:
+        PackageScan.start()  # started by train.py already; this is for train() called from Python
     if not in_process:
         try:
             return ProcessLogger(*args)
@@ -437,10 +439,13 @@ _helper: _Helper | None = None
 
 def start_helper_early(logger_cfg: Mapping[str, Any]) -> None:
     """Start the helper process now, when `logger=mlflow` will use it, so that it imports MLflow
-    while this process imports torch (train.py calls this first). Rank 0 only under torchrun."""
-    if logger_cfg.get("_target_") != f"{__name__}.mlflow_logger" or logger_cfg.get("in_process"):
+    while this process imports torch (train.py calls this first), and the package scan of the
+    model upload when the run will log its model (`PackageScan`). Rank 0 only under torchrun."""
+    if logger_cfg.get("_target_") != f"{__name__}.mlflow_logger" or os.environ.get("RANK", "0") != "0":
         return
-    if os.environ.get("RANK", "0") != "0":
+    if logger_cfg.get("log_model", True) is not False:
+        PackageScan.start()
+    if logger_cfg.get("in_process"):
         return
     try:
         _get_helper()
@@ -646,6 +651,89 @@ class HelperStore:
         and the helper's store serves the rest of the run."""
 
 
+class PackageScan:
+    """The map of installed packages to their modules, computed by a process at idle priority.
+
+    MLflow checks a logged model's pip requirements against the installed packages, and for that
+    maps every installed package to the modules it provides
+    (`importlib_metadata.packages_distributions`, which reads each package's list of files): about
+    half a second of the model upload here, and the same answer every time in one environment.
+    `start` runs that scan in a separate Python process at idle priority, which takes only a core
+    nothing else wants (the end of start-up, or beside the upload, which uses one core). `used()`
+    hands its answer to MLflow for the duration of the upload; MLflow scans by itself when the scan
+    failed or has not finished within a second of being needed (every core busy).
+    """
+
+    _process = None
+    _result: dict[str, list[str]] | None = None
+    _CODE = (
+        "import json, os, sys\n"
+        "if hasattr(os, 'sched_setscheduler'):\n"
+        "    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
+        "else:\n"
+        "    os.nice(19)\n"
+        "import importlib_metadata\n"
+        "json.dump(importlib_metadata.packages_distributions(), sys.stdout)\n"
+    )
+
+    @classmethod
+    def start(cls) -> None:
+        """Start the scan once per process (a sweep's later jobs reuse its answer, as MLflow does)."""
+        import subprocess
+        import sys
+
+        if cls._process is not None or cls._result is not None:
+            return
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        try:
+            cls._process = subprocess.Popen(
+                [sys.executable, "-c", cls._CODE], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+            )
+        except OSError:
+            cls._process = None
+
+    @classmethod
+    def result(cls, wait_s: float = 1.0) -> dict[str, list[str]] | None:
+        """The scan's map, waiting up to `wait_s` for it; None when there is none to be had."""
+        import json
+        import subprocess
+
+        if cls._result is None and cls._process is not None:
+            process, cls._process = cls._process, None
+            try:
+                out, _ = process.communicate(timeout=wait_s)
+                if process.returncode == 0:
+                    cls._result = json.loads(out)
+            except (subprocess.TimeoutExpired, ValueError):
+                process.kill()
+                process.communicate()
+        return cls._result
+
+    @classmethod
+    @contextmanager
+    def used(cls):
+        """Within the block, `importlib_metadata.packages_distributions()` answers from the scan
+        (a fresh copy each call) when it has one; the function is put back after."""
+        try:
+            import importlib_metadata
+        except ImportError:
+            yield
+            return
+        original = importlib_metadata.packages_distributions
+
+        def packages_distributions():
+            mapping = cls.result()
+            if mapping is None:
+                return original()
+            return {module: list(packages) for module, packages in mapping.items()}
+
+        importlib_metadata.packages_distributions = packages_distributions
+        try:
+            yield
+        finally:
+            importlib_metadata.packages_distributions = original
+
+
 def log_pytorch_model(uri: str, run_id: str, model, input_example) -> None:
     """`mlflow.pytorch.log_model(name="model")` into run `run_id` of the store at `uri`, with
     explicit pip requirements (MLflow's own inference of them takes about 10 s).
@@ -667,7 +755,7 @@ def log_pytorch_model(uri: str, run_id: str, model, input_example) -> None:
     # exports as MLFLOW_TRACKING_URI. Both are put back after: else this process's later runs
     # (sweep jobs, the helper's next connection) and its user's own MLflow calls would go to this
     # store, or through the helper to whatever run it serves next.
-    with _environment_kept("MLFLOW_TRACKING_URI"), _use_tracking_uri(uri):
+    with _environment_kept("MLFLOW_TRACKING_URI"), _use_tracking_uri(uri), PackageScan.used():
         with mlflow.start_run(run_id=run_id):
             requirements = pip_requirements()
             try:
