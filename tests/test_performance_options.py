@@ -168,3 +168,79 @@ def test_a_broken_split_cache_is_computed_again(tmp_path, monkeypatch):
     again = data.stratified_split(np.arange(20), labels, 3, test_size=0.25)
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
     assert np.load(cached)["train"].tolist() == first[0].tolist()  # and written back
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_the_fused_update_is_the_per_parameter_rule(name):
+    """tunelab's optimizer configs ask for torch's fused kernel; three steps of it leave the same
+    weights as the per-parameter loop of `optimizer.fused=false`, to rounding."""
+    from omegaconf import OmegaConf
+
+    from conftest import ROOT
+
+    cfg = OmegaConf.load(ROOT / "conf" / "optimizer" / f"{name}.yaml")
+    assert cfg.fused is True
+    torch.manual_seed(0)
+    first = models.torchvision_model("resnet18", 10)
+    second = models.torchvision_model("resnet18", 10)
+    second.load_state_dict(first.state_dict())
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for model, fused in ((first, True), (second, False)):
+        optimizer = run.optimizer_factory(OmegaConf.merge(cfg, {"fused": fused}))([{"params": list(model.parameters())}])
+        assert optimizer.param_groups[0]["fused"] is fused
+        for _ in range(3):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    for a, b in zip(first.parameters(), second.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # the same rule, summed in another order
+
+
+def test_fused_gives_way_to_foreach_and_to_devices_without_the_kernel(caplog):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1, "fused": True})
+    on_cpu = [torch.nn.Parameter(torch.zeros(3))]
+    assert not run.optimizer_factory(OmegaConf.merge(cfg, {"foreach": True}))(on_cpu).param_groups[0]["fused"]
+    with caplog.at_level("INFO", logger="tunelab.run"):
+        optimizer = run.optimizer_factory(cfg)([torch.nn.Parameter(torch.zeros(3, device="meta"))])
+    assert not optimizer.param_groups[0]["fused"]
+    assert "no fused kernel here (meta)" in caplog.text
+
+
+def test_a_resumed_run_uses_this_runs_update_kernel(small_cfg, tracking_uri, tmp_path, monkeypatch):
+    """The checkpoint's param groups carry `fused`; resuming with optimizer.fused=false (allowed, as
+    the rule is the same) must not bring the checkpoint's choice back."""
+    run.train(small_cfg(f"trainer.checkpoint_dir={tmp_path}"))
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["optimizer"]["param_groups"][0]["fused"] is True
+    seen = {}
+    real = loop.fit
+
+    def spy(model, train_loader, val_loader, optimizer, *args, **kwargs):
+        seen["fused"] = [group["fused"] for group in optimizer.param_groups]
+        return real(model, train_loader, val_loader, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(run, "fit", spy)
+    run.train(small_cfg(f"trainer.checkpoint_dir={tmp_path}", "trainer.resume=auto", "optimizer.fused=false"))
+    assert seen["fused"] == [False]
+
+
+def test_sgd_with_momentum_keeps_the_loop_beside_a_grad_scaler():
+    """torch's fused SGD after a first step the scaler skipped (an overflow) writes NaN weights; the
+    per-parameter loop does not. Adam keeps its fused kernel."""
+    from omegaconf import OmegaConf
+
+    sgd = OmegaConf.create({"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1, "momentum": 0.9, "fused": True})
+    adam = OmegaConf.create({"_target_": "torch.optim.Adam", "_partial_": True, "lr": 0.1, "fused": True})
+    param = torch.nn.Parameter(torch.ones(100_000))
+    optimizer = run.optimizer_factory(sgd, grad_scaler=True)([param])
+    assert not optimizer.param_groups[0]["fused"]
+    assert run.optimizer_factory(adam, grad_scaler=True)([param]).param_groups[0]["fused"]
+    assert run.optimizer_factory(sgd)([param]).param_groups[0]["fused"]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0)
+    for gradient in (float("inf"), 2.0, 2.0):
+        scaler.scale(torch.tensor(1.0))
+        param.grad = torch.full_like(param, gradient * scaler.get_scale())
+        scaler.step(optimizer)
+        scaler.update()
+    assert torch.isfinite(param).all()

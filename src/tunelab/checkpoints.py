@@ -32,7 +32,7 @@ LAST = "last.pt"
 BEST = "best.pt"
 #: Config keys that may differ between a run and its resumption.
 RESUMABLE_CHANGES = ("trainer.resume", "trainer.progress", "trainer.device", "trainer.checkpoint_dir", "trainer.log_every_n_steps", "data.num_workers",
-                     "logger.in_process", "trainer.checkpoint_min_interval_s")
+                     "logger.in_process", "trainer.checkpoint_min_interval_s", "optimizer.fused", "optimizer.foreach")
 
 
 def save_atomic(obj: Any, path: Path) -> None:

@@ -111,6 +111,9 @@ def check_config(cfg: DictConfig) -> None:
 
     if cfg.optimizer.lr != "auto":
         number("optimizer.lr", cfg.optimizer.lr, positive=True)
+    for key in ("fused", "foreach"):
+        value = cfg.optimizer.get(key)
+        require(value is None or isinstance(value, bool), f"optimizer.{key}={value!r} must be true, false or null")
     ema_decay = cfg.trainer.ema_decay
     if ema_decay is not None:
         number("trainer.ema_decay", ema_decay)
@@ -152,18 +155,39 @@ def _without(node: DictConfig, *keys: str) -> DictConfig:
     return copy
 
 
-def optimizer_factory(optimizer_cfg: DictConfig, lr: float | None = None):
+#: The devices where torch has fused SGD, Adam and AdamW kernels for every version tunelab supports.
+FUSED_DEVICES = ("cpu", "cuda")
+
+
+def optimizer_factory(optimizer_cfg: DictConfig, lr: float | None = None, grad_scaler: bool = False):
     """The optimizer config built as a function of the param groups; `layer_decay` (tunelab's key,
-    not torch's) left out, and `lr` in place of `optimizer.lr` when given."""
+    not torch's) left out, and `lr` in place of `optimizer.lr` when given.
+
+    `fused: true` (the default of tunelab's optimizer configs) is torch's single-kernel update of all
+    parameters: the same rule as the per-parameter loop, 2.5x faster for resnet18 on the CPU
+    (BENCHMARKS.md). It gives way to an explicit `foreach: true`, and to parameters on a device
+    without the kernel, where the loop is used and the log says so. SGD with momentum keeps the
+    loop beside a grad scaler (`grad_scaler`, for 16-mixed): when the scaler skips the first step,
+    torch's fused SGD leaves the momentum buffer unset, and the next step writes NaN weights.
+    """
     partial_cfg = _without(optimizer_cfg, "layer_decay")
     if lr is not None:
         partial_cfg.lr = lr
     factory = build(partial_cfg, "optimizer")
 
     def optimizer(params):
+        params, kwargs = list(params), {}
+        if partial_cfg.get("fused"):
+            tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+            devices = sorted({p.device.type for p in tensors} - set(FUSED_DEVICES))
+            sgd_momentum = partial_cfg._target_ == "torch.optim.SGD" and partial_cfg.get("momentum")
+            if partial_cfg.get("foreach") or devices or (grad_scaler and sgd_momentum):
+                kwargs["fused"] = False
+                if devices:
+                    log.info("optimizer.fused: torch has no fused kernel here (%s); using the per-parameter update", ", ".join(devices))
         try:  # the values reach the class only now: torch checks them here
-            return factory(params)
-        except (TypeError, ValueError) as err:
+            return factory(params, **kwargs)
+        except (TypeError, ValueError, RuntimeError) as err:
             raise ConfigError(f"optimizer: could not build {partial_cfg._target_}: {err}") from None
 
     return optimizer
@@ -387,7 +411,7 @@ def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, ru
     layer_decay = cfg.optimizer.get("layer_decay")
     groups = freezing.param_groups(plan, lr, layer_decay)
     log.info("Instantiating optimizer <%s>", cfg.optimizer._target_)
-    optimizer = optimizer_factory(cfg.optimizer, lr)(groups)
+    optimizer = optimizer_factory(cfg.optimizer, lr, grad_scaler=str(cfg.trainer.precision) == "16-mixed")(groups)
     accumulate = cfg.trainer.accumulate_grad_batches
     steps_per_epoch = math.ceil(len(fit_train) / accumulate)
     schedule = build_schedule(cfg.scheduler, optimizer, steps_per_epoch, cfg.trainer.max_epochs)
@@ -423,6 +447,8 @@ def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, ru
             unfreeze(epoch)  # replay gradual unfreezing so the optimizer has the saved groups
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
+        for group in optimizer.param_groups:  # this run's choice of update kernel (optimizer.fused), not the checkpoint's
+            group.update({key: optimizer.defaults[key] for key in ("fused", "foreach") if key in optimizer.defaults})
         schedule.load_state_dict(saved["schedule"])
         scaler.load_state_dict(saved["scaler"])
         if ema is not None:
