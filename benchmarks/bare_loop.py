@@ -2,7 +2,11 @@
 `python train.py model=resnet18 scheduler=cosine` (digits at 32 px, batch 64, SGD momentum 0.9,
 weight decay 5e-4, lr 0.05, cosine stepped per optimizer step, validation each epoch).
 
-    python benchmarks/bare_loop.py --epochs 4
+    python benchmarks/bare_loop.py --epochs 4 [--fused]
+
+`--fused` gives SGD torch's fused kernel, as tunelab's optimizer configs do (`optimizer.fused`):
+the same update rule, one kernel for all parameters. Against it, a ratio shows what tunelab
+itself costs; against the plain loop, what a user gains or loses by using it.
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ def build(seed: int = 42):
     return model
 
 
+def sgd(model, fused: bool = False):
+    return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, fused=fused)
+
+
 def train_epoch(model, opt, sched, x, y, batch_size: int, epoch: int, seed: int = 42) -> None:
     model.train()
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
@@ -61,11 +69,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--out", default=None, help="save the final weights here")
+    parser.add_argument("--fused", action="store_true", help="torch's fused SGD kernel (as tunelab's configs use)")
     args = parser.parse_args()
     started = time.perf_counter()
     x, y, xv, yv = digits()
     model = build()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    opt = sgd(model, args.fused)
     steps = args.epochs * -(-len(y) // 64)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     for epoch in range(args.epochs):
