@@ -7,6 +7,7 @@
 #   ./multirun.sh scheduler=step,cosine freeze.depth=0,-1
 #   ./multirun.sh seed=0,1,2                      # repeat every configuration over three seeds
 #   ./multirun.sh hydra/launcher=joblib hydra.launcher.n_jobs=2
+# A finished job keeps only best.pt (trainer.keep_checkpoints=best): 45 MB, not 135 MB, for resnet18.
 # Exits with status 1 when a job failed (after the whole sweep and its comparison).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -16,6 +17,7 @@ defaults=(
     trainer.max_epochs=6
     trainer.progress=false
     logger.log_model=false
+    trainer.keep_checkpoints=best
 )
 kept=()
 for default in "${defaults[@]}"; do

@@ -72,6 +72,7 @@ CATALOGUE = {
     "fractional unfreeze_every": (["freeze.depth=2", "freeze.unfreeze_every=1.5"], "freeze.unfreeze_every", 2),
     "negative num_workers": (["data.num_workers=-1"], "data.num_workers", 2),
     "fused not a boolean": (["optimizer.fused=yes please"], "optimizer.fused", 2),
+    "unknown keep_checkpoints": (["trainer.keep_checkpoints=last"], "trainer.keep_checkpoints", 2),
 }
 
 

@@ -391,3 +391,33 @@ def test_resume_refuses_a_different_config(small_cfg, tracking_uri, tmp_path):
     run.train(small_cfg(f"trainer.checkpoint_dir={tmp_path}"))
     with pytest.raises(ConfigError, match=r"optimizer.lr"):
         run.train(small_cfg(f"trainer.checkpoint_dir={tmp_path}", "trainer.resume=auto", "optimizer.lr=0.5"))
+
+
+@pytest.mark.parametrize("keep, left", [("all", {"last.pt", "best.pt"}), ("best", {"best.pt"}), ("none", set())])
+def test_a_finished_run_keeps_the_checkpoints_it_is_told_to(keep, left, small_cfg, tracking_uri, tmp_path):
+    run.train(small_cfg(f"trainer.checkpoint_dir={tmp_path}", f"trainer.keep_checkpoints={keep}", log_model=keep == "none"))
+    assert {p.name for p in tmp_path.glob("*.pt")} == left
+
+
+def test_a_failed_run_keeps_both_checkpoints_whatever_keep_checkpoints_says(small_cfg, tracking_uri, tmp_path, monkeypatch):
+    from tunelab import loop
+
+    calls = {"n": 0}
+    real = loop.evaluate
+
+    def second_validation_fails(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", second_validation_fails)
+    with pytest.raises(RuntimeError, match="boom"):
+        run.train(small_cfg(f"trainer.checkpoint_dir={tmp_path}", "trainer.keep_checkpoints=none"))
+    assert {p.name for p in tmp_path.glob("*.pt")} == {"last.pt", "best.pt"}
+
+
+def test_keeping_no_checkpoint_and_no_logged_model_is_warned_about(small_cfg, tracking_uri, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="tunelab.run"):
+        run.train(small_cfg(f"trainer.checkpoint_dir={tmp_path}", "trainer.keep_checkpoints=none"))
+    assert "a finished run keeps no weights" in caplog.text

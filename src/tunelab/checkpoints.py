@@ -32,7 +32,10 @@ LAST = "last.pt"
 BEST = "best.pt"
 #: Config keys that may differ between a run and its resumption.
 RESUMABLE_CHANGES = ("trainer.resume", "trainer.progress", "trainer.device", "trainer.checkpoint_dir", "trainer.log_every_n_steps", "data.num_workers",
-                     "logger.in_process", "trainer.checkpoint_min_interval_s", "optimizer.fused", "optimizer.foreach")
+                     "logger.in_process", "trainer.checkpoint_min_interval_s", "optimizer.fused", "optimizer.foreach",
+                     "trainer.keep_checkpoints")
+#: `trainer.keep_checkpoints`: what a finished run keeps, each with the files it removes.
+KEEP = {"all": (), "best": (LAST,), "none": (LAST, BEST)}
 
 
 def save_atomic(obj: Any, path: Path) -> None:
@@ -151,6 +154,19 @@ class Saver:
         """Write what is held, wait for every write, and raise a write's error."""
         self.writer.flush_held()
         self.writer.close()
+
+
+def drop_after_success(folder: Path, keep: str) -> None:
+    """Remove what `trainer.keep_checkpoints=keep` does not keep of a finished run's checkpoints
+    (a failed or stopped run keeps them all, to be continued)."""
+    removed = []
+    for name in KEEP[keep]:
+        path = folder / name
+        if path.is_file():
+            path.unlink()
+            removed.append(name)
+    if removed:
+        log.info("Removed %s of the finished run (trainer.keep_checkpoints=%s)", " and ".join(removed), keep)
 
 
 def rng_state() -> dict:

@@ -130,6 +130,10 @@ def check_config(cfg: DictConfig) -> None:
     number("data.image_size", cfg.data.image_size, positive=True, integer=True)
     number("freeze.depth", cfg.freeze.depth, integer=True)
     number("seed", cfg.seed, integer=True)
+    keep = cfg.trainer.keep_checkpoints
+    require(keep in checkpoints.KEEP, f"trainer.keep_checkpoints={keep} must be one of {', '.join(checkpoints.KEEP)}")
+    if keep == "none" and not (cfg.logger.get("log_model") and cfg.logger.get("_target_", "").endswith("mlflow_logger")):
+        log.warning("trainer.keep_checkpoints=none and no model logged to MLflow: a finished run keeps no weights")
     number("trainer.checkpoint_min_interval_s", cfg.trainer.checkpoint_min_interval_s)
     require(cfg.trainer.checkpoint_min_interval_s >= 0, f"trainer.checkpoint_min_interval_s={cfg.trainer.checkpoint_min_interval_s} must be >= 0 (0 = after every epoch)")
     require(str(cfg.trainer.precision) in ("32", "bf16-mixed", "16-mixed"), f"trainer.precision={cfg.trainer.precision} must be 32, bf16-mixed or 16-mixed")
@@ -529,8 +533,10 @@ def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, ru
                         saver.close()
                 finally:
                     logger.finish(status)
+    if saver is not None:  # the run finished and everything is stored
+        checkpoints.drop_after_success(run_dir, cfg.trainer.keep_checkpoints)
     best = state.history.best(cfg.monitor)
-    log.info("Best %s: %.4f%s", cfg.monitor, best, f" (checkpoints in {run_dir})" if run_dir else "")
+    log.info("Best %s: %.4f%s", cfg.monitor, best, f" (run folder {run_dir})" if run_dir else "")
     return best
 
 
