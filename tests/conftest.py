@@ -66,6 +66,23 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
 
 
 @pytest.fixture
+def second_validation_fails(monkeypatch):
+    """The run's second validation pass (the end of epoch 2 of a SMALL run) raises RuntimeError("boom")."""
+    from tunelab import loop
+
+    calls = {"n": 0}
+    real = loop.evaluate
+
+    def evaluate(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+
+
+@pytest.fixture
 def small_cfg(tracking_uri):
     """compose_config with SMALL overrides and the test's tracking store."""
 
