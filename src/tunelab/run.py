@@ -132,8 +132,6 @@ def check_config(cfg: DictConfig) -> None:
     number("seed", cfg.seed, integer=True)
     keep = cfg.trainer.keep_checkpoints
     require(keep in checkpoints.KEEP, f"trainer.keep_checkpoints={keep} must be one of {', '.join(checkpoints.KEEP)}")
-    if keep == "none" and not (cfg.logger.get("log_model") and cfg.logger.get("_target_", "").endswith("mlflow_logger")):
-        log.warning("trainer.keep_checkpoints=none and no model logged to MLflow: a finished run keeps no weights")
     number("trainer.checkpoint_min_interval_s", cfg.trainer.checkpoint_min_interval_s)
     require(cfg.trainer.checkpoint_min_interval_s >= 0, f"trainer.checkpoint_min_interval_s={cfg.trainer.checkpoint_min_interval_s} must be >= 0 (0 = after every epoch)")
     require(str(cfg.trainer.precision) in ("32", "bf16-mixed", "16-mixed"), f"trainer.precision={cfg.trainer.precision} must be 32, bf16-mixed or 16-mixed")
@@ -415,11 +413,11 @@ def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, ru
     layer_decay = cfg.optimizer.get("layer_decay")
     groups = freezing.param_groups(plan, lr, layer_decay)
     log.info("Instantiating optimizer <%s>", cfg.optimizer._target_)
-    optimizer = optimizer_factory(cfg.optimizer, lr, grad_scaler=str(cfg.trainer.precision) == "16-mixed")(groups)
+    scaler = torch.amp.GradScaler(device.type, enabled=str(cfg.trainer.precision) == "16-mixed")
+    optimizer = optimizer_factory(cfg.optimizer, lr, grad_scaler=scaler.is_enabled())(groups)
     accumulate = cfg.trainer.accumulate_grad_batches
     steps_per_epoch = math.ceil(len(fit_train) / accumulate)
     schedule = build_schedule(cfg.scheduler, optimizer, steps_per_epoch, cfg.trainer.max_epochs)
-    scaler = torch.amp.GradScaler(device.type, enabled=str(cfg.trainer.precision) == "16-mixed")
     if scaler.is_enabled():  # the scaler skips the optimizer step of an overflowing batch by design; torch would warn each time
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
 
@@ -482,6 +480,8 @@ def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, ru
                 plt.close(fig)
 
     saver = checkpoints.Saver(run_dir, cfg.trainer.checkpoint_min_interval_s, cfg.monitor) if run_dir is not None and dist.is_main else None
+    if saver is not None and cfg.trainer.keep_checkpoints == "none" and not logger.log_model_enabled:
+        log.warning("trainer.keep_checkpoints=none and no model logged to MLflow: a finished run keeps no weights")
 
     def save(loop_state: LoopState, is_best: bool) -> None:
         if saver is None:

@@ -386,8 +386,7 @@ class _Helper:
         to_child, inbox = os.pipe()
         outbox, from_child = os.pipe()
         code = f"from tunelab.tracking import _serve; _serve({to_child}, {from_child}, {os.getpid()})"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        self.process = subprocess.Popen([sys.executable, "-c", code], pass_fds=(to_child, from_child), env=env, stdin=subprocess.DEVNULL)
+        self.process = subprocess.Popen([sys.executable, "-c", code], pass_fds=(to_child, from_child), env=_child_env(), stdin=subprocess.DEVNULL)
         os.close(to_child)
         os.close(from_child)
         self._out, self._in = Connection(inbox, readable=False), Connection(outbox, writable=False)
@@ -428,6 +427,14 @@ class _Helper:
         except Exception:
             self.process.kill()
         self._in.close()
+
+
+def _child_env() -> dict[str, str]:
+    """The environment of a `python -c` child of this process: this one's, with its module search
+    path (an editable install, a test's sys.path) as PYTHONPATH."""
+    import sys
+
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
 
 
 def _gone(err: BaseException) -> ReportedError:
@@ -684,10 +691,9 @@ class PackageScan:
 
         if cls._process is not None or cls._result is not None:
             return
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         try:
             cls._process = subprocess.Popen(
-                [sys.executable, "-c", cls._CODE], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+                [sys.executable, "-c", cls._CODE], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_child_env(),
             )
         except OSError:
             cls._process = None
