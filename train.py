@@ -7,6 +7,7 @@ import sys  # noqa: E402
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from tunelab import folders  # noqa: E402, F401  (registers ${tunelab.new_folder:...}, the run folders of conf/config.yaml)
 from tunelab.errors import report_errors  # noqa: E402
 
 

@@ -26,6 +26,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from tunelab import folders  # noqa: F401  (a job in a worker process, joblib's or submitit's, resolves the sweep folder)
+
 log = logging.getLogger(__name__)
 
 PARENT_ENV = "TUNELAB_PARENT_RUN_ID"
@@ -36,13 +38,11 @@ JOB_DIR_TAG = "tunelab.job_dir"
 
 
 def _client_and_experiment(logger_cfg: DictConfig):
-    from mlflow import MlflowClient
-
-    from tunelab.tracking import get_or_create_experiment, resolve_tracking_uri
+    from tunelab.tracking import open_store, resolve_tracking_uri
 
     uri = resolve_tracking_uri(logger_cfg.get("tracking_uri"))
-    client = MlflowClient(uri)
-    return client, get_or_create_experiment(client, logger_cfg.experiment_name), uri
+    client, experiment_id = open_store(uri, logger_cfg.experiment_name)
+    return client, experiment_id, uri
 
 
 def _tracking_on(cfg: DictConfig) -> bool:

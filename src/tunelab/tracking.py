@@ -56,17 +56,61 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def resolve_tracking_uri(configured: str | None) -> str:
     """MLFLOW_TRACKING_URI when set, else the configured URI; makes a sqlite file's folder."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or configured or "sqlite:///outputs/mlflow.db"
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///") :]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    database = _sqlite_path(uri)
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
     return uri
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///") :]).expanduser() if uri.startswith("sqlite:///") else None
+
+
+@contextmanager
+def store_lock(uri: str):
+    """For a sqlite store, hold an exclusive lock on the file `NAME.lock` beside the database for the block.
+
+    MLflow creates and migrates a sqlite store's tables when a process first opens it, and two
+    processes doing that at once both create them (`table ... already exists`, `duplicate column
+    name`). Under the lock the first process makes the store and the others wait, then find it
+    made. Other stores (a server, PostgreSQL) need no lock; neither does a system without `fcntl`.
+    """
+    path = _sqlite_path(uri)
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if path is None or fcntl is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def open_store(uri: str, experiment_name: str | None = None):
+    """An `MlflowClient` for `uri` whose store is made (and `experiment_name` found or created, when
+    given) under `store_lock`: any number of processes may open a new sqlite store at once.
+
+    Returns (client, experiment id or None)."""
+    from mlflow import MlflowClient
+
+    with store_lock(uri):
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)  # opens the store: tables made or migrated now, under the lock
+        experiment_id = get_or_create_experiment(client, experiment_name) if experiment_name else None
+    return client, experiment_id
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:
     """For a sqlite store, artifacts go beside the database (outputs/mlartifacts/NAME), not into
     ./mlruns of whatever directory a process happens to run in; a server decides for itself."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return (Path(uri[len("sqlite:///") :]).expanduser().resolve().parent / "mlartifacts" / experiment).as_uri()
+    path = _sqlite_path(uri)
+    return None if path is None else (path.resolve().parent / "mlartifacts" / experiment).as_uri()
 
 
 def get_or_create_experiment(client, name: str) -> str:
@@ -216,8 +260,6 @@ class MlflowLogger(NullLogger):
 
     def _connect(self) -> str:
         """Client and experiment; fails within seconds, naming the URI, when the store is unreachable."""
-        from mlflow import MlflowClient
-
         configured = self.tracking_uri
         uri = resolve_tracking_uri(configured)
         key = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "logger.tracking_uri"
@@ -231,9 +273,8 @@ class MlflowLogger(NullLogger):
                     f"{key}={uri}: the MLflow tracking server does not answer ({type(err).__name__}); "
                     "start it (mlflow server --host 127.0.0.1 --port 5000 ...) or point tunelab elsewhere"
                 ) from None
-        self._client = MlflowClient(uri)
         try:
-            experiment_id = get_or_create_experiment(self._client, self.experiment_name)
+            self._client, experiment_id = open_store(uri, self.experiment_name)
         except Exception as err:
             raise ConfigError(f"{key}={uri}: cannot use the MLflow tracking store ({str(err).splitlines()[0][:300]})") from None
         reap_dead_runs(self._client, experiment_id)
