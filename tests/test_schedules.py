@@ -208,3 +208,47 @@ def test_step_decay_counts_epochs_with_either_interval():
                               "trainer.max_epochs=5", f"optimizer.lr={LR}"], "sqlite://")
         per_epoch = [lr_series(cfg, SPE)[e * SPE] for e in range(5)]
         assert per_epoch == pytest.approx([LR, LR, LR * 0.1, LR * 0.1, LR * 0.01]), interval
+
+
+def _rebuilt_lrs(params: dict[str, str], lr: float) -> list[float]:
+    """The lr per optimizer step of a schedule rebuilt from nothing but a run's `resolved.*` params."""
+    import ast
+
+    prefix = "resolved.scheduler."
+    args = {k[len(prefix):]: ast.literal_eval(v) if v[:1] in "[0123456789-" or v in ("True", "False") else v
+            for k, v in params.items() if k.startswith(prefix)}
+    target, interval = args.pop("_target_"), args.pop("interval")
+    warmup, start_factor = args.pop("warmup_steps"), args.pop("warmup_start_factor")
+    steps, per_epoch = int(params["resolved.trainer.total_steps"]), int(params["resolved.steps_per_epoch"])
+    assert float(params["resolved.optimizer.lr"]) == lr
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr, momentum=0.9)
+    sched = getattr(torch.optim.lr_scheduler, target.rsplit(".", 1)[-1])(opt, **args)
+    warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor, 1.0, total_iters=warmup) if warmup else None  # from its first lr
+    lrs = []
+    for s in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        if s < warmup:
+            warm.step()
+        elif interval == "step" or (s + 1) % per_epoch == 0:
+            sched.step()
+    return lrs
+
+
+@pytest.mark.parametrize("name,interval,warmup", [("onecycle", "step", 1.5), ("cosine", "step", 0.0), ("multistep", "epoch", 1.0)])
+def test_resolved_params_rebuild_the_logged_schedule(name, interval, warmup, shared_uri, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    experiment = f"resolved-{name}"
+    cfg = compose_config([*TINY, f"scheduler={name}", f"scheduler.interval={interval}", f"scheduler.warmup_epochs={warmup}",
+                          f"logger.experiment_name={experiment}"], shared_uri)
+    run.train(cfg)
+    client, runs = mlflow_runs(shared_uri, experiment)
+    params = runs[-1].data.params
+    filled = {"onecycle": ("max_lr", "total_steps"), "cosine": ("T_max",), "multistep": ("milestones",)}[name]
+    for key in filled:
+        assert params[f"scheduler.{key}"] == "None"  # the config param stays as given ...
+        assert params[f"resolved.scheduler.{key}"] != "None"  # ... and the value used is on record
+    assert params["resolved.steps_per_epoch"] == str(SPE) and params["resolved.data.global_batch_size"] == "8"
+    assert int(params["resolved.data.image_size"]) >= cfg.data.image_size
+    logged = [v for _, v in metric_series(client, runs[-1].info.run_id, "lr")]
+    assert logged == pytest.approx(_rebuilt_lrs(params, LR), rel=1e-9)

@@ -24,7 +24,7 @@ from tunelab import distributed, freezing, models
 from tunelab.errors import ConfigError, build, require
 from tunelab.loop import EarlyStopping, History, Interrupted, LoopState, WeightEMA, fit, training_loss
 from tunelab.schedules import EPOCH_METRICS, build_schedule
-from tunelab.tracking import GROUPS, KIND_TAG
+from tunelab.tracking import GROUPS, KIND_TAG, flatten
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +290,7 @@ class Prepared:
     fit_train: object
     fit_val: object
     loss_fn: torch.nn.Module
+    image_size: int
 
 
 def prepare(cfg: DictConfig, device: torch.device, dist: distributed.Context = distributed.SINGLE) -> Prepared:
@@ -340,7 +341,7 @@ def prepare(cfg: DictConfig, device: torch.device, dist: distributed.Context = d
             fit_train, fit_val = loaders(*(freezing.head_inputs(model, ds, device) for ds in (splits.train, splits.val)))
         elif plan.frozen == len(plan.stages) - 1:
             log.info("Features are not cached: %s", blocker)
-    return Prepared(splits, model, plan, trained, fit_train, fit_val, loss_fn)
+    return Prepared(splits, model, plan, trained, fit_train, fit_val, loss_fn, image_size)
 
 
 def range_test(cfg: DictConfig, prepared: Prepared, device: torch.device):
@@ -467,7 +468,9 @@ def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, ru
         extra = {"freeze.frozen_stages": ",".join(plan.frozen_names) or "(none)"}
         if cfg.optimizer.lr == "auto":
             extra["optimizer.lr_used"] = lr
-        logger.start({**params, **extra}, run_tags(cfg))
+        derived = resolved_params(cfg, prepared, schedule, lr, steps_per_epoch, dist)
+        log.info("Resolved: %s", "  ".join(f"{key}={value}" for key, value in derived.items()))
+        logger.start({**params, **extra, **derived}, run_tags(cfg))
         logger.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         logger.log_text(plan.table() + "\n", "stages.txt")
         if lr_test is not None:
@@ -540,6 +543,24 @@ def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, ru
     return best
 
 
+#: The prefix of the params that hold what tunelab derived for a run (the config params stay as given).
+RESOLVED_PREFIX = "resolved."
+
+
+def resolved_params(cfg: DictConfig, prepared: Prepared, schedule, lr: float, steps_per_epoch: int, dist: distributed.Context) -> dict:
+    """Every value the run derived rather than read from its config, as `resolved.*` params: the
+    scheduler's arguments (those filled in for the run included), its interval and warmup, the
+    steps per epoch and in all, the image size used, the global batch and the lr trained with."""
+    values = {
+        "scheduler": {"_target_": cfg.scheduler._target_, **schedule.resolved},
+        "steps_per_epoch": steps_per_epoch,
+        "trainer": {"total_steps": steps_per_epoch * cfg.trainer.max_epochs},
+        "data": {"image_size": prepared.image_size, "global_batch_size": cfg.data.batch_size * dist.world_size},
+        "optimizer": {"lr": lr},
+    }
+    return flatten(values, RESOLVED_PREFIX)
+
+
 def resume_command(run_dir: Path, processes: int = 1) -> str:
     """The command that continues this run from its last checkpoint, in the same folder."""
     from hydra.core.hydra_config import HydraConfig
@@ -568,8 +589,6 @@ def checkpoint_dir(cfg: DictConfig):
 
 
 def flat_config(cfg: DictConfig) -> dict:
-    from tunelab.tracking import flatten
-
     return flatten(OmegaConf.to_container(cfg, resolve=True))
 
 

@@ -114,9 +114,13 @@ class Schedule:
       epoch-interval scheduler; `ReduceLROnPlateau` gets `metrics[monitor]`.
     """
 
-    def __init__(self, optimizer, scheduler, interval: str, warmup_steps: int = 0, warmup_start_factor: float = 0.1, monitor: str | None = None):
+    def __init__(self, optimizer, scheduler, interval: str, warmup_steps: int = 0, warmup_start_factor: float = 0.1, monitor: str | None = None,
+                 resolved: Mapping[str, Any] | None = None):
         self.optimizer, self.scheduler, self.interval, self.monitor = optimizer, scheduler, interval, monitor
         self.warmup_steps = warmup_steps
+        #: Every argument the torch scheduler received (those tunelab filled in included, in the
+        #: units it counts), its interval and the warmup's steps: what rebuilds the schedule.
+        self.resolved = dict(resolved or {})
         self.warmup = LinearLR(optimizer, warmup_start_factor, 1.0, total_iters=warmup_steps) if warmup_steps else None
         self.steps = 0
 
@@ -216,4 +220,5 @@ def build_schedule(cfg: DictConfig, optimizer: Optimizer, steps_per_epoch: int, 
     log.info("Instantiating scheduler <%s> (interval=%s, warmup %d steps)", target, interval, w)
     node = OmegaConf.create({"_target_": target, "_convert_": "all", **kwargs})
     scheduler = build(node, "scheduler", optimizer=optimizer)
-    return Schedule(optimizer, scheduler, interval, w, start_factor, monitor)
+    resolved = {**kwargs, "interval": interval, "warmup_steps": w, "warmup_start_factor": start_factor}
+    return Schedule(optimizer, scheduler, interval, w, start_factor, monitor, resolved)
