@@ -221,3 +221,25 @@ def test_runs_outside_a_sweep_are_grouped_by_what_they_logged(store, tmp_path):
     report = compare.compare_runs(client, runs, tmp_path)
     assert report.swept == ["scheduler"]
     assert {report.label(c): c.best.n for c in report.configs} == {"scheduler=cosine": 2, "scheduler=step": 1}
+
+
+NOT_LEARNT_OVERRIDES = ("trainer.progress={} logger.log_model={} data.num_workers={} trainer.device={} "
+                        "optimizer.fused={} trainer.checkpoint_dir={} logger=mlflow hydra/launcher=joblib")
+
+
+def test_settings_that_do_not_change_what_is_learnt_never_make_a_configuration(store, tmp_path):
+    off, on = ("false", "false", "0", "cpu", "false", "null"), ("true", "true", "2", "cuda", "true", "out")
+    runs = [(f"scheduler={name} seed={seed} " + NOT_LEARNT_OVERRIDES.format(*(off if seed else on)), _curve(best), "FINISHED")
+            for name in ("cosine", "step") for seed, best in zip((0, 1), (0.95, 0.93) if name == "cosine" else (0.90, 0.91))]
+    _, _, report = _compare(store, runs, tmp_path)
+    assert report.swept == ["scheduler"]
+    assert [report.label(c) for c in report.configs] == ["scheduler=cosine", "scheduler=step"]
+    assert list(_read(tmp_path / "comparison.csv")[0])[:3] == ["rank", "scheduler", "n"]
+
+    # one configuration: its name is its overrides, without those settings; from scratch stays
+    runs = [(f"+experiment=transfer_finetune model.weights_path=null seed={seed} " + NOT_LEARNT_OVERRIDES.format(*(off if seed else on)),
+             _curve(0.8), "FINISHED") for seed in (0, 1)]
+    _, parent, report = _compare(store, runs, tmp_path)
+    assert report.swept == []
+    assert report.label(report.configs[0]) == "experiment=transfer_finetune model.weights_path=null"
+    assert report.summary().startswith("Winner: experiment=transfer_finetune model.weights_path=null  mean best")

@@ -6,7 +6,8 @@
 
 A configuration is the set of values of the keys that some run overrode, each read from what the
 run logged (the param, or the group's option tag), so a run that left a key at its default matches
-one that set it to the same value. Runs that differ only by `seed` and/or `data.fold` are repeats
+one that set it to the same value. Keys that do not change what is learnt (NOT_LEARNT) never make a
+configuration. Runs that differ only by `seed` and/or `data.fold` are repeats
 of one configuration. Per configuration the comparison gives n, the mean, the standard deviation and the 95 % confidence
 interval (Student t) of the best and the final val/acc; configurations are ranked by their mean best
 val/acc, and each one is tested against the winner (see RULE).
@@ -26,6 +27,7 @@ import logging
 import math
 import sys
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,14 @@ log = logging.getLogger(__name__)
 METRIC = "val/acc"
 #: Override keys that repeat a configuration instead of making a new one.
 REPEAT_KEYS = ("seed", "data.fold")
+#: Override keys (fnmatch patterns) that do not change what is learnt: display, logging and
+#: checkpoints, where the run runs, and the optimizer's kernel (fused or foreach: the same update
+#: rule). They never make a configuration and never appear in its name.
+NOT_LEARNT = (
+    "trainer.progress", "trainer.log_every_n_steps", "trainer.checkpoint_dir", "trainer.checkpoint_every_n_steps",
+    "trainer.checkpoint_min_interval_s", "trainer.keep_checkpoints", "trainer.resume", "trainer.device",
+    "logger", "logger.*", "data.num_workers", "optimizer.fused", "optimizer.foreach", "hydra.*", "hydra/*",
+)
 ALPHA = 0.05
 RULE = (f"each configuration's best {METRIC} is compared with the winner's by a paired t-test over runs with the same "
         f"seed and fold (when at least 2 pairs match), otherwise by Welch's t-test (when both have n >= 2); "
@@ -183,11 +193,13 @@ class Report:
 
 
 def parse_overrides(text: str) -> dict[str, str]:
+    """The key=value pairs of an `overrides` tag that can make a configuration (none of NOT_LEARNT)."""
     pairs = {}
     for token in (text or "").split():
-        if "=" in token and not token.startswith("hydra."):
+        if "=" in token:
             key, value = token.lstrip("+~").split("=", 1)
-            pairs[key] = value
+            if not any(fnmatchcase(key, pattern) for pattern in NOT_LEARNT):
+                pairs[key] = value
     return pairs
 
 
