@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import time
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from mlflow import MlflowClient
@@ -221,3 +222,101 @@ def test_runs_outside_a_sweep_are_grouped_by_what_they_logged(store, tmp_path):
     report = compare.compare_runs(client, runs, tmp_path)
     assert report.swept == ["scheduler"]
     assert {report.label(c): c.best.n for c in report.configs} == {"scheduler=cosine": 2, "scheduler=step": 1}
+
+
+def _logged_run(client, experiment, overrides, best, params, data="digits"):
+    """A finished run like one train.py logs: its overrides, `data` tag, params and val/acc."""
+    run_id = client.create_run(experiment, tags={"overrides": overrides, "data": data}, run_name=overrides).info.run_id
+    client.log_batch(run_id, metrics=[Metric("val/acc", v, 0, e) for e, v in enumerate(_curve(best))])
+    for key, value in params.items():
+        client.log_param(run_id, key, value)
+    client.set_terminated(run_id, "FINISHED")
+    return client.get_run(run_id)
+
+
+#: What the digits runs log of their data (and freeze depth, weights) when left at the defaults.
+DIGITS = {"data.dataset.classes": "None", "data.dataset.max_train_samples": "None", "data.dataset.val_fraction": "0.2",
+          "data.batch_size": "64", "data.image_size": "32", "data.folds": "None", "data.fold": "0",
+          "data.num_workers": "None", "freeze.depth": "0", "model.weights_path": "None"}
+PRETRAIN = {**DIGITS, "data.dataset.classes": "[0, 1, 2, 3, 4]"}
+FINETUNE = {**DIGITS, "data.dataset.classes": "[5, 6, 7, 8, 9]", "data.dataset.max_train_samples": "50",
+            "data.batch_size": "10", "model.weights_path": "outputs/transfer/pretrain/last.pt"}
+
+
+def test_runs_on_different_data_are_ranked_separately(store, tmp_path):
+    """The README's transfer example compared with `--all`: the pretraining run's 0.9945 on the digits
+    0-4 is not ranked against the fine-tuning runs on the digits 5-9."""
+    client, experiment = store
+    runs = [_logged_run(client, experiment, "+experiment=transfer_pretrain", 0.9945, PRETRAIN)]
+    for depth, best in (("-1", 0.750), ("2", 0.872), ("0", 0.728)):
+        runs.append(_logged_run(client, experiment, f"+experiment=transfer_finetune freeze.depth={depth}", best,
+                                {**FINETUNE, "freeze.depth": depth}))
+    runs.append(_logged_run(client, experiment, "+experiment=transfer_finetune model.weights_path=null", 0.806,
+                            {**FINETUNE, "model.weights_path": "None"}))
+    parent = client.create_run(experiment, tags={"tunelab.sweep": "true"}).info.run_id
+    comparison = compare.compare_runs(client, runs, tmp_path, parent_id=parent)
+
+    pretrain, finetune = comparison.reports
+    assert (pretrain.data, finetune.data) == ("data.dataset.classes=[0, 1, 2, 3, 4]", "data.dataset.classes=[5, 6, 7, 8, 9]")
+    assert [r.run_id for r in pretrain.rows] == [runs[0].info.run_id]
+    assert finetune.label(finetune.ranked()[0]) == "freeze.depth=2, model.weights_path=outputs/transfer/pretrain/last.pt"
+    summary = comparison.summary().splitlines()
+    assert summary[0] == ("Runs on 2 different data sets are ranked separately "
+                          "(accuracies on different data are not comparable):")
+    assert summary[1] == "data.dataset.classes=[0, 1, 2, 3, 4] (1 run):"
+    assert summary[3] == "data.dataset.classes=[5, 6, 7, 8, 9] (4 runs):"
+    assert summary[4].startswith("  Winner: freeze.depth=2, model.weights_path=outputs/transfer/pretrain/last.pt  mean best val/acc 0.8720")
+
+    table = _read(tmp_path / "comparison.csv")
+    assert list(table[0])[:2] == ["data", "rank"]
+    winners = {row["data"]: row["run_ids"] for row in table if row["rank"] == "1"}
+    assert winners == {pretrain.data: runs[0].info.run_id, finetune.data: runs[2].info.run_id}
+    per_run = _read(tmp_path / "comparison_runs.csv")
+    assert {row["run_id"]: row["data"] for row in per_run}[runs[0].info.run_id] == pretrain.data
+    markdown = (tmp_path / "comparison.md").read_text()
+    assert "\n## data.dataset.classes=[0, 1, 2, 3, 4] (1 run)\n" in markdown
+    assert "\n## data.dataset.classes=[5, 6, 7, 8, 9] (4 runs)\n" in markdown
+    height, width, _ = plt.imread(tmp_path / "comparison.png").shape
+    assert (width, height) == (1650, 2 * 1155)  # two blocks of the single data set's 15 x 10.5 in at 110 dpi
+
+    parent_run = client.get_run(parent)  # the sweep's winner is that of the data set with the most runs
+    assert parent_run.data.tags["tunelab.winner"] == finetune.label(finetune.ranked()[0])
+    assert parent_run.data.metrics["best_val/acc"] == pytest.approx(0.872)
+
+
+def test_runs_differing_in_training_set_size_batch_or_raised_image_size_share_the_data(store, tmp_path):
+    client, experiment = store
+    runs = [_logged_run(client, experiment, "data.dataset.max_train_samples=50", 0.90, {**DIGITS, "data.dataset.max_train_samples": "50"}),
+            _logged_run(client, experiment, "data.dataset.max_train_samples=100", 0.93, {**DIGITS, "data.dataset.max_train_samples": "100"}),
+            _logged_run(client, experiment, "data.batch_size=16", 0.95, {**DIGITS, "data.batch_size": "16"}),
+            # 16 pixels, raised to the model's minimum of 32: the same images as the others'
+            _logged_run(client, experiment, "data.image_size=16", 0.94,
+                        {**DIGITS, "data.image_size": "16", "resolved.data.image_size": "32"})]
+    comparison = compare.compare_runs(client, runs, tmp_path)
+    assert len(comparison.reports) == 1
+    assert comparison.swept == ["data.batch_size", "data.dataset.max_train_samples", "data.image_size"]
+    assert [c.runs[0].run_id for c in comparison.ranked()] == [runs[i].info.run_id for i in (2, 3, 1, 0)]  # all ranked together
+    assert comparison.summary().startswith("Winner: data.batch_size=16, ")
+    assert list(_read(tmp_path / "comparison.csv")[0])[0] == "rank"
+
+
+NOT_LEARNT_OVERRIDES = ("trainer.progress={} logger.log_model={} data.num_workers={} trainer.device={} "
+                        "optimizer.fused={} trainer.checkpoint_dir={} logger=mlflow hydra/launcher=joblib")
+
+
+def test_settings_that_do_not_change_what_is_learnt_never_make_a_configuration(store, tmp_path):
+    off, on = ("false", "false", "0", "cpu", "false", "null"), ("true", "true", "2", "cuda", "true", "out")
+    runs = [(f"scheduler={name} seed={seed} " + NOT_LEARNT_OVERRIDES.format(*(off if seed else on)), _curve(best), "FINISHED")
+            for name in ("cosine", "step") for seed, best in zip((0, 1), (0.95, 0.93) if name == "cosine" else (0.90, 0.91))]
+    _, _, report = _compare(store, runs, tmp_path)
+    assert report.swept == ["scheduler"]
+    assert [report.label(c) for c in report.configs] == ["scheduler=cosine", "scheduler=step"]
+    assert list(_read(tmp_path / "comparison.csv")[0])[:3] == ["rank", "scheduler", "n"]
+
+    # one configuration: its name is its overrides, without those settings; from scratch stays
+    runs = [(f"+experiment=transfer_finetune model.weights_path=null seed={seed} " + NOT_LEARNT_OVERRIDES.format(*(off if seed else on)),
+             _curve(0.8), "FINISHED") for seed in (0, 1)]
+    _, parent, report = _compare(store, runs, tmp_path)
+    assert report.swept == []
+    assert report.label(report.configs[0]) == "experiment=transfer_finetune model.weights_path=null"
+    assert report.summary().startswith("Winner: experiment=transfer_finetune model.weights_path=null  mean best")

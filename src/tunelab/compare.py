@@ -4,9 +4,14 @@
     python -m tunelab.compare --parent RUN_ID          # one sweep
     python -m tunelab.compare --experiment NAME --out outputs/compare   # every run of an experiment
 
+Only runs on the same data are compared: the runs are first split into data sets by what they
+logged of their data (the `data` option and the `data.*` params, less DATA_KEYS_NOT_EVALUATED), and
+each data set is ranked on its own, with its own winner.
+
 A configuration is the set of values of the keys that some run overrode, each read from what the
 run logged (the param, or the group's option tag), so a run that left a key at its default matches
-one that set it to the same value. Runs that differ only by `seed` and/or `data.fold` are repeats
+one that set it to the same value. Keys that do not change what is learnt (NOT_LEARNT) never make a
+configuration. Runs that differ only by `seed` and/or `data.fold` are repeats
 of one configuration. Per configuration the comparison gives n, the mean, the standard deviation and the 95 % confidence
 interval (Student t) of the best and the final val/acc; configurations are ranked by their mean best
 val/acc, and each one is tested against the winner (see RULE).
@@ -14,8 +19,8 @@ val/acc, and each one is tested against the winner (see RULE).
 Writes comparison.csv (one row per configuration), comparison_runs.csv (one row per run),
 comparison.md and comparison.png (LR curves per scheduler, mean validation accuracy per epoch, a heat
 map of the mean best validation accuracy over the two swept keys, and the ranking with its
-intervals) to the output folder and, for a sweep, logs them to the parent run. Made automatically at
-the end of every `-m` sweep.
+intervals; one block of these per data set) to the output folder and, for a sweep, logs them to the
+parent run. Made automatically at the end of every `-m` sweep.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import logging
 import math
 import sys
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +42,35 @@ log = logging.getLogger(__name__)
 METRIC = "val/acc"
 #: Override keys that repeat a configuration instead of making a new one.
 REPEAT_KEYS = ("seed", "data.fold")
+#: Override keys (fnmatch patterns) that do not change what is learnt: display, logging and
+#: checkpoints, where the run runs, and the optimizer's kernel (fused or foreach: the same update
+#: rule). They never make a configuration and never appear in its name.
+NOT_LEARNT = (
+    "trainer.progress", "trainer.log_every_n_steps", "trainer.checkpoint_dir", "trainer.checkpoint_every_n_steps",
+    "trainer.checkpoint_min_interval_s", "trainer.keep_checkpoints", "trainer.resume", "trainer.device",
+    "logger", "logger.*", "data.num_workers", "optimizer.fused", "optimizer.foreach", "hydra.*", "hydra/*",
+)
+#: Logged data keys that do not change the data a run is evaluated on (batching, loading, the
+#: training set's augmentation and size, the fold, a repeat key): runs that differ only in these are
+#: on the same data set and are compared with each other.
+DATA_KEYS_NOT_EVALUATED = (
+    "data.batch_size", "data.num_workers", "data.fold", "data.dataset.augment", "data.dataset.max_train_samples",
+    "data.dataset.skip_bad_files", "data.dataset.download",
+)
+#: The image size a run actually used (the configured one may be raised to the model's minimum).
+RESOLVED_IMAGE_SIZE = "resolved.data.image_size"
 ALPHA = 0.05
 RULE = (f"each configuration's best {METRIC} is compared with the winner's by a paired t-test over runs with the same "
         f"seed and fold (when at least 2 pairs match), otherwise by Welch's t-test (when both have n >= 2); "
         f"distinguishable when p < {ALPHA}")
 NOT_DISTINGUISHABLE = "not distinguishable"
+HOW_TO_READ = (
+    f"How to read: one row per configuration over its repeats (seeds, folds), n = its finished runs; mean ± 95 % CI = "
+    f"mean ± t(0.975, n-1) · sd / √n (no sd or interval with n=1); p compares its best {METRIC} with the winner's "
+    f"(paired t-test over matching seed and fold, else Welch's t-test; alpha {ALPHA}). *{NOT_DISTINGUISHABLE}*: the "
+    f"difference is within the noise between repeats; more seeds or folds may separate them, otherwise treat them as "
+    f"equally good. One row per run: comparison_runs.csv."
+)
 
 
 @dataclass
@@ -130,16 +160,22 @@ class Config:
 
 @dataclass
 class Report:
+    """The comparison of the runs on one data set."""
+
     rows: list[Row]
     swept: list[str]
     configs: list[Config]
-    csv: Path
-    runs_csv: Path
-    markdown: Path
-    png: Path
+    #: The data set's label: the data keys whose values differ from the other data sets' ("" when there is one).
+    data: str = ""
 
     def ranked(self) -> list[Config]:
         return [c for c in self.configs if c.rank is not None]
+
+    @property
+    def top(self) -> float:
+        """The winner's mean best val/acc; NaN when no run finished."""
+        ranked = self.ranked()
+        return ranked[0].best.mean if ranked else math.nan
 
     def label(self, config: Config) -> str:
         if self.swept:
@@ -152,7 +188,8 @@ class Report:
         repeat = ", ".join(f"{k}={v}" for k, v in (("seed", row.seed), ("fold", row.fold)) if v)
         return self.label(config) + (f" ({repeat})" if repeat and len(config.runs) > 1 else "")
 
-    def summary(self) -> str:
+    def summary(self, rule: bool = True) -> str:
+        """The winner, how it relates to the others and the failed runs; with the test's rule unless `rule` is False."""
         ranked = self.ranked()
         failed = [(c, r) for c in self.configs for r in c.failed]
         if not ranked:
@@ -167,14 +204,15 @@ class Report:
             if len(ranked) > 2:
                 close = sum(c.verdict == NOT_DISTINGUISHABLE for c in ranked[1:])
                 text += f"\n{close} of the {len(ranked) - 1} other configurations are {NOT_DISTINGUISHABLE} from the winner."
-            text += f"\nRule: {RULE}."
+            if rule:
+                text += f"\nRule: {RULE}."
         if failed:
             text += f"\n{len(failed)} of {len(self.rows)} runs failed: " + "; ".join(f"{self.run_label(c, r)}: {r.error or r.status}" for c, r in failed)
         return text
 
     def _versus_text(self, other: Config) -> str:
         """How the winner relates to `other`, in words."""
-        name, gap = self.label(other), self.ranked()[0].best.mean - other.best.mean
+        name, gap = self.label(other), self.top - other.best.mean
         if other.verdict == NOT_DISTINGUISHABLE:
             return f"{NOT_DISTINGUISHABLE} from {name} ({gap:.4f} ahead, {other.test}, {_p_text(other.p)})"
         if other.verdict == "distinguishable":
@@ -182,12 +220,69 @@ class Report:
         return f"{gap:.4f} ahead of {name}, too few runs to tell whether that is more than noise"
 
 
+@dataclass
+class Comparison:
+    """The reports of the data sets the runs were on (usually one) and the files written for them.
+
+    With one data set its attributes are that report's; with several, the rows, configurations and
+    swept keys of all of them.
+    """
+
+    reports: list[Report]
+    csv: Path
+    runs_csv: Path
+    markdown: Path
+    png: Path
+
+    @property
+    def rows(self) -> list[Row]:
+        return [row for report in self.reports for row in report.rows]
+
+    @property
+    def configs(self) -> list[Config]:
+        return [config for report in self.reports for config in report.configs]
+
+    @property
+    def swept(self) -> list[str]:
+        return sorted({key for report in self.reports for key in report.swept}, key=_swept_order)
+
+    @property
+    def main(self) -> Report:
+        """The data set with the most runs (the first of those): the one a sweep's parent run reports."""
+        return max(self.reports, key=lambda report: len(report.rows))
+
+    def ranked(self) -> list[Config]:
+        return [config for report in self.reports for config in report.ranked()]
+
+    def label(self, config: Config) -> str:
+        return next(report for report in self.reports if any(c is config for c in report.configs)).label(config)
+
+    def summary(self) -> str:
+        if len(self.reports) == 1:
+            return self.reports[0].summary()
+        lines = [f"{_separately(len(self.reports))}:"]
+        for report in self.reports:
+            lines.append(f"{report.data} ({_runs_text(report)}):")
+            lines += ["  " + line for line in report.summary(rule=False).splitlines()]
+        return "\n".join([*lines, f"Rule: {RULE}."])
+
+
+def _separately(count: int) -> str:
+    return f"Runs on {count} different data sets are ranked separately (accuracies on different data are not comparable)"
+
+
+def _runs_text(report: Report) -> str:
+    return f"{len(report.rows)} run" + ("s" if len(report.rows) != 1 else "")
+
+
 def parse_overrides(text: str) -> dict[str, str]:
+    """The key=value pairs of an `overrides` tag that can make a configuration (none of NOT_LEARNT)."""
     pairs = {}
     for token in (text or "").split():
-        if "=" in token and not token.startswith("hydra."):
+        if "=" in token:
             key, value = token.lstrip("+~").split("=", 1)
-            pairs[key] = value
+            if not any(fnmatchcase(key, pattern) for pattern in NOT_LEARNT):
+                pairs[key] = value
     return pairs
 
 
@@ -227,12 +322,41 @@ def _row(client, run) -> Row:
     )
 
 
+def data_identity(row: Row) -> dict[str, str]:
+    """What the run was evaluated on, from what it logged: its `data` option and `data.*` params, less
+    DATA_KEYS_NOT_EVALUATED, with the image size it used where it logged that. Empty when it logged none."""
+    identity = {k: v for k, v in row.settings.items()
+                if (k == "data" or k.startswith("data.")) and k not in DATA_KEYS_NOT_EVALUATED}
+    if RESOLVED_IMAGE_SIZE in row.settings:
+        identity["data.image_size"] = row.settings[RESOLVED_IMAGE_SIZE]
+    return identity
+
+
+def data_sets(rows: list[Row]) -> list[tuple[str, list[Row]]]:
+    """The runs split by data_identity, in the order they started, each with its label: the data keys
+    whose values differ between the sets ("" when all runs are on one data set)."""
+    sets: dict[tuple, list[Row]] = {}
+    for r in rows:
+        sets.setdefault(tuple(sorted(data_identity(r).items())), []).append(r)
+    if len(sets) <= 1:
+        return [("", rows)]
+    identities = [dict(identity) for identity in sets]
+    differing = sorted(k for k in {k for i in identities for k in i} if len({i.get(k) for i in identities}) > 1)
+
+    def label(identity: dict[str, str]) -> str:
+        return " ".join(f"{k}={identity[k]}" for k in differing if k in identity) or "(no data params logged)"
+
+    return [(label(identity), set_rows) for identity, set_rows in zip(identities, sets.values())]
+
+
 def swept_keys(rows: list[Row]) -> list[str]:
     """Overridden keys whose value differs between runs, scheduler and freeze first; not the repeat keys."""
     keys = {k for r in rows for k in r.overrides if k not in REPEAT_KEYS}
-    varying = [k for k in keys if len({r.value(k) for r in rows}) > 1]
-    order = {"scheduler": 0, "freeze": 1, "freeze.depth": 2}
-    return sorted(varying, key=lambda k: (order.get(k, 9), k))
+    return sorted((k for k in keys if len({r.value(k) for r in rows}) > 1), key=_swept_order)
+
+
+def _swept_order(key: str) -> tuple[int, str]:
+    return {"scheduler": 0, "freeze": 1, "freeze.depth": 2}.get(key, 9), key
 
 
 def group(rows: list[Row], swept: list[str]) -> list[Config]:
@@ -319,55 +443,87 @@ def _mean_and_interval(s: Stats) -> str:
     return f"{s.mean:.4f} ± {s.half_width:.4f} (95 % CI, n={s.n})"
 
 
-def write_tables(report: Report) -> None:
-    """comparison.csv (one row per configuration), comparison_runs.csv (one row per run) and comparison.md."""
+def write_tables(comparison: Comparison) -> None:
+    """comparison.csv (one row per configuration), comparison_runs.csv (one row per run) and comparison.md;
+    with runs on several data sets, a leading `data` column and one section of comparison.md per data set."""
+    _write_configs_csv(comparison)
+    _write_runs_csv(comparison)
+    comparison.markdown.write_text("\n".join(_markdown(comparison)) + "\n")
+
+
+def _data_column(comparison: Comparison) -> list[str]:
+    """The leading `data` column's header, when the runs were on several data sets."""
+    return ["data"] if len(comparison.reports) > 1 else []
+
+
+def _data_cells(comparison: Comparison, report: Report) -> list[str]:
+    """The `data` column's cell, when the runs were on several data sets."""
+    return [report.data] if len(comparison.reports) > 1 else []
+
+
+def _write_configs_csv(comparison: Comparison) -> None:
     stat_names = ("mean", "sd", "ci_low", "ci_high")
-    header = ["rank", *report.swept, "n", *(f"best {METRIC} {s}" for s in stat_names), *(f"final {METRIC} {s}" for s in stat_names),
+    swept = comparison.swept
+    header = [*_data_column(comparison), "rank", *swept, "n",
+              *(f"best {METRIC} {s}" for s in stat_names), *(f"final {METRIC} {s}" for s in stat_names),
               "difference to winner", "p vs winner", "test", "verdict", "failed", "run_ids"]
-    top = report.ranked()[0].best.mean if report.ranked() else math.nan
-    with open(report.csv, "w", newline="") as f:
+    with open(comparison.csv, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
-        for c in report.configs:
-            best, final = c.best, c.final
-            writer.writerow([c.rank or "", *c.values.values(), best.n,
-                             *(_fmt(v, 6) for v in (best.mean, best.sd, best.ci_low, best.ci_high)),
-                             *(_fmt(v, 6) for v in (final.mean, final.sd, final.ci_low, final.ci_high)),
-                             _fmt(best.mean - top, 6), "" if math.isnan(c.p) else f"{c.p:.4g}", c.test, c.verdict,
-                             len(c.failed), " ".join(r.run_id for r in c.runs)])
+        for report in comparison.reports:
+            for c in report.configs:
+                best, final = c.best, c.final
+                writer.writerow([*_data_cells(comparison, report), c.rank or "", *(c.values.get(k, "") for k in swept), best.n,
+                                 *(_fmt(v, 6) for v in (best.mean, best.sd, best.ci_low, best.ci_high)),
+                                 *(_fmt(v, 6) for v in (final.mean, final.sd, final.ci_low, final.ci_high)),
+                                 _fmt(best.mean - report.top, 6), "" if math.isnan(c.p) else f"{c.p:.4g}", c.test, c.verdict,
+                                 len(c.failed), " ".join(r.run_id for r in c.runs)])
 
-    run_header = ["rank", *report.swept, "seed", "fold", f"best {METRIC}", f"final {METRIC}", "best val/loss", "epochs", "seconds",
-                  "status", "error", "run_id"]
-    runs = [(c, r) for c in report.configs for r in c.finished + c.failed]
-    with open(report.runs_csv, "w", newline="") as f:
+
+def _write_runs_csv(comparison: Comparison) -> None:
+    swept = comparison.swept
+    header = [*_data_column(comparison), "rank", *swept, "seed", "fold", f"best {METRIC}",
+              f"final {METRIC}", "best val/loss", "epochs", "seconds", "status", "error", "run_id"]
+    with open(comparison.runs_csv, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(run_header)
-        for c, r in runs:
-            writer.writerow([c.rank if r.ok else "", *c.values.values(), r.seed, r.fold, _fmt(r.best), _fmt(r.final),
-                             _fmt(r.best_loss), r.epochs, f"{r.seconds:.1f}", r.status, r.error, r.run_id])
+        writer.writerow(header)
+        for report in comparison.reports:
+            for c in report.configs:
+                for r in c.finished + c.failed:
+                    writer.writerow([*_data_cells(comparison, report), c.rank if r.ok else "", *(c.values.get(k, "") for k in swept),
+                                     r.seed, r.fold, _fmt(r.best), _fmt(r.final), _fmt(r.best_loss), r.epochs,
+                                     f"{r.seconds:.1f}", r.status, r.error, r.run_id])
 
+
+def _markdown(comparison: Comparison) -> list[str]:
+    """comparison.md's lines: the summary, how to read it and the tables; one section per data set when there are several."""
+    reports = comparison.reports
+    if len(reports) == 1:
+        return [reports[0].summary().replace("\n", "\n\n"), "", HOW_TO_READ, "", *_md_tables(reports[0])]
+    lines = [f"{_separately(len(reports))}: one section per data set below, each named by the data settings that "
+             f"differ between them, each with its own winner.", "", f"Rule: {RULE}.", "", HOW_TO_READ]
+    for report in reports:
+        lines += ["", f"## {report.data} ({_runs_text(report)})", "", report.summary(rule=False).replace("\n", "\n\n"), "",
+                  *_md_tables(report)]
+    return lines
+
+
+def _md_tables(report: Report) -> list[str]:
+    """One data set's table of configurations, and its failed runs."""
     keys = report.swept or ["configuration"]  # with no swept key, the one configuration's overrides
     table = ["rank", *keys, "n", f"best {METRIC} (mean ± 95 % CI)", "sd", f"final {METRIC} (mean ± 95 % CI)", "sd",
              "vs winner", "p", "test", "verdict", "failed"]
-    lines = [
-        report.summary().replace("\n", "\n\n"), "",
-        f"How to read: one row per configuration over its repeats (seeds, folds), n = its finished runs; mean ± 95 % CI = "
-        f"mean ± t(0.975, n-1) · sd / √n (no sd or interval with n=1); p compares its best {METRIC} with the winner's "
-        f"(paired t-test over matching seed and fold, else Welch's t-test; alpha {ALPHA}). *{NOT_DISTINGUISHABLE}*: the "
-        f"difference is within the noise between repeats; more seeds or folds may separate them, otherwise treat them as "
-        f"equally good. One row per run: comparison_runs.csv.",
-        "", _md_row(table), "|" + "---|" * len(table),
-    ]
+    lines = [_md_row(table), "|" + "---|" * len(table)]
     for c in report.configs:
         best, final = c.best, c.final
         lines.append(_md_row([str(c.rank or ""), *(list(c.values.values()) or [report.label(c)]), str(best.n), _interval_cell(best), _fmt(best.sd),
-                              _interval_cell(final), _fmt(final.sd), _signed(best.mean - top) if c.rank else "",
+                              _interval_cell(final), _fmt(final.sd), _signed(best.mean - report.top) if c.rank else "",
                               "" if math.isnan(c.p) else f"{c.p:.3g}", c.test, c.verdict, str(len(c.failed))]))
-    failed = [(c, r) for c, r in runs if not r.ok]
+    failed = [(c, r) for c in report.configs for r in c.failed]
     if failed:
         lines += ["", "Failed runs:", "", _md_row([*report.swept, "seed", "fold", "status", "error", "run_id"]), "|" + "---|" * (len(report.swept) + 5)]
         lines += [_md_row([*c.values.values(), r.seed, r.fold, r.status, r.error, r.run_id]) for c, r in failed]
-    report.markdown.write_text("\n".join(lines) + "\n")
+    return lines
 
 
 def _md_row(cells: list[str]) -> str:
@@ -384,36 +540,70 @@ def _signed(value: float) -> str:
     return "" if math.isnan(value) else f"{value:+.4f}"
 
 
-def draw(report: Report):
+def figure(comparison: Comparison):
+    """comparison.png's figure: the four panels of `draw`, one block of them per data set."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows, swept, configs = report.rows, report.swept, report.configs
-    fig, axes = plt.subplots(2, 2, figsize=(15, 10.5), constrained_layout=True)
-    ax_lr, ax_acc, ax_heat, ax_rank = axes.flat
+    reports = comparison.reports
+    fig = plt.figure(figsize=(15, 10.5 * len(reports)), layout="constrained")
+    if len(reports) == 1:
+        draw(reports[0], fig)
+        return fig
+    fig.suptitle(f"{_separately(len(reports))}:", fontsize=14, fontweight="bold")
+    for i, (report, block) in enumerate(zip(reports, fig.subfigures(len(reports), 1))):
+        block.set_facecolor("0.94" if i % 2 else "white")
+        draw(report, block, heading=f"{report.data} ({_runs_text(report)})")
+    return fig
+
+
+def draw(report: Report, fig, heading: str = ""):
+    """One data set's panels on `fig` (a figure or a subfigure): LR curves, mean val/acc per epoch, the
+    heat map over the two swept keys and the ranking; its title says who won, under `heading` if given."""
+    import matplotlib.pyplot as plt
+
+    swept, configs = report.swept, report.configs
+    ax_lr, ax_acc, ax_heat, ax_rank = fig.subplots(2, 2).flat
     key_a = swept[0] if swept else None
     key_b = swept[1] if len(swept) > 1 else None
     values_a = sorted({c.values.get(key_a, "") for c in configs}, key=_sort_key) if key_a else [""]
-    colors = {v: plt.cm.tab10(i % 10) for i, v in enumerate(values_a)}
-    styles = ["-", "--", ":", "-."]
     values_b = sorted({c.values.get(key_b, "") for c in configs}, key=_sort_key) if key_b else [""]
+    colors = {v: plt.cm.tab10(i % 10) for i, v in enumerate(values_a)}
 
     def color(config: Config):
         return colors[config.values.get(key_a, "")] if key_a else "C0"
 
-    shown = set()  # one LR curve per value of the first swept key (the scheduler, in a scheduler sweep)
+    _lr_panel(ax_lr, report.rows, key_a, colors)
+    _accuracy_panel(ax_acc, report, key_a, values_a, key_b, values_b, colors, color)
+    _heat_panel(fig, ax_heat, configs, key_a, values_a, key_b, values_b)
+    _ranking_panel(ax_rank, report, color)
+    title = report.summary().splitlines()[0].replace("; ", ";\n", 1)
+    fig.suptitle(f"{heading}\n{title}" if heading else title, fontsize=12)
+    return fig
+
+
+STYLES = ["-", "--", ":", "-."]
+
+
+def _lr_panel(ax, rows: list[Row], key_a: str | None, colors: dict) -> None:
+    """One LR curve per value of the first swept key (the scheduler, in a scheduler sweep)."""
+    shown = set()
     for r in rows:
         va = r.value(key_a) if key_a else ""
         if r.lrs and va not in shown:
-            ax_lr.plot(r.lrs, color=colors[va], label=f"{key_a}={va}" if key_a else r.name)
+            ax.plot(r.lrs, color=colors[va], label=f"{key_a}={va}" if key_a else r.name)
             shown.add(va)
-    ax_lr.set(title="Learning rate per optimizer step", xlabel="optimizer step", ylabel="lr")
+    ax.set(title="Learning rate per optimizer step", xlabel="optimizer step", ylabel="lr")
     if shown:
-        ax_lr.legend(fontsize=8)
+        ax.legend(fontsize=8)
 
-    for c in configs:
+
+def _accuracy_panel(ax, report: Report, key_a: str | None, values_a: list[str], key_b: str | None, values_b: list[str],
+                    colors: dict, color) -> None:
+    """Mean val/acc per epoch of each configuration: color by the first swept key, line style by the second."""
+    for c in report.configs:
         curves = [r.curve for r in c.finished if r.curve]
         if not curves:
             continue
@@ -421,22 +611,26 @@ def draw(report: Report):
         for i, curve in enumerate(curves):
             padded[i, :len(curve)] = curve
         epochs = np.arange(padded.shape[1])
-        style = styles[values_b.index(c.values.get(key_b, "")) % len(styles)] if key_b else "-"
-        ax_acc.plot(epochs, np.nanmean(padded, axis=0), color=color(c), linestyle=style, marker="o", markersize=3,
-                    label=f"{report.label(c)} (n={len(curves)})")
+        style = STYLES[values_b.index(c.values.get(key_b, "")) % len(STYLES)] if key_b else "-"
+        ax.plot(epochs, np.nanmean(padded, axis=0), color=color(c), linestyle=style, marker="o", markersize=3,
+                label=f"{report.label(c)} (n={len(curves)})")
         if len(curves) > 1:
-            ax_acc.fill_between(epochs, np.nanmin(padded, axis=0), np.nanmax(padded, axis=0), color=color(c), alpha=0.15)
-    ax_acc.set(title=f"Mean {METRIC} per epoch (band: min..max over the repeats)", xlabel="epoch", ylabel=METRIC)
-    if len(configs) <= 8:
-        ax_acc.legend(fontsize=7, ncol=2)
+            ax.fill_between(epochs, np.nanmin(padded, axis=0), np.nanmax(padded, axis=0), color=color(c), alpha=0.15)
+    ax.set(title=f"Mean {METRIC} per epoch (band: min..max over the repeats)", xlabel="epoch", ylabel=METRIC)
+    if len(report.configs) <= 8:  # two columns unless the names are long (a weights path, say)
+        ax.legend(fontsize=7, ncol=2 if max((len(line.get_label()) for line in ax.get_lines()), default=0) <= 48 else 1)
     elif key_a:  # many lines: name the colors and the line styles once instead of every line
         from matplotlib.lines import Line2D
 
         handles = [Line2D([], [], color=colors[v], label=f"{key_a}={v}") for v in values_a]
         if key_b:
-            handles += [Line2D([], [], color="0.3", linestyle=styles[i % len(styles)], label=f"{key_b}={v}") for i, v in enumerate(values_b)]
-        ax_acc.legend(handles=handles, fontsize=7, ncol=2, loc="lower right")
+            handles += [Line2D([], [], color="0.3", linestyle=STYLES[i % len(STYLES)], label=f"{key_b}={v}") for i, v in enumerate(values_b)]
+        ax.legend(handles=handles, fontsize=7, ncol=2, loc="lower right")
 
+
+def _heat_panel(fig, ax, configs: list[Config], key_a: str | None, values_a: list[str], key_b: str | None,
+                values_b: list[str]) -> None:
+    """The mean best val/acc (± its 95 % half width) over the first swept key x the second; the best cell in bold."""
     grid = np.full((len(values_a), len(values_b)), np.nan)
     half = np.full_like(grid, np.nan)
     failed = np.zeros_like(grid, dtype=bool)
@@ -447,11 +641,12 @@ def draw(report: Report):
         if best.n and (np.isnan(grid[i, j]) or best.mean > grid[i, j]):  # the better one where several share a cell
             grid[i, j], half[i, j] = best.mean, best.half_width
         failed[i, j] |= not best.n
-    image = ax_heat.imshow(grid, cmap="viridis", aspect="auto")
-    fig.colorbar(image, ax=ax_heat, label=f"mean best {METRIC}")
-    ax_heat.set_xticks(range(len(values_b)), [_depth_label(key_b, v) for v in values_b])
-    ax_heat.set_yticks(range(len(values_a)), values_a)
-    ax_heat.set(xlabel=key_b or "", ylabel=key_a or "", title=f"Mean best {METRIC} (± 95 % CI)" + (f": {key_a} x {key_b}" if key_b else ""))
+    image = ax.imshow(grid, cmap="viridis", aspect="auto")
+    fig.colorbar(image, ax=ax, label=f"mean best {METRIC}")
+    ax.set_xticks(range(len(values_b)), [_depth_label(key_b, v) for v in values_b],
+                  rotation=15 if max(map(len, values_b)) > 12 else 0)  # long values (paths) would overlap
+    ax.set_yticks(range(len(values_a)), values_a)
+    ax.set(xlabel=key_b or "", ylabel=key_a or "", title=f"Mean best {METRIC} (± 95 % CI)" + (f": {key_a} x {key_b}" if key_b else ""))
     finite = grid[np.isfinite(grid)]
     best_cell = finite.max() if finite.size else None
     middle = (finite.min() + finite.max()) / 2 if finite.size else 0.0
@@ -461,36 +656,36 @@ def draw(report: Report):
                 weight = "bold" if grid[i, j] == best_cell else "normal"
                 text_color = "black" if grid[i, j] > middle else "white"
                 text = f"{grid[i, j]:.3f}" + (f"\n±{half[i, j]:.3f}" if np.isfinite(half[i, j]) else "")
-                ax_heat.text(j, i, text, ha="center", va="center", color=text_color, fontweight=weight, fontsize=9)
+                ax.text(j, i, text, ha="center", va="center", color=text_color, fontweight=weight, fontsize=9)
             elif failed[i, j]:
-                ax_heat.text(j, i, "failed", ha="center", va="center", color="red")
+                ax.text(j, i, "failed", ha="center", va="center", color="red")
 
+
+def _ranking_panel(ax, report: Report, color) -> None:
+    """The 15 best configurations' mean best val/acc with its 95 % interval, the runs as dots."""
     ranked = report.ranked()[:15][::-1]
     if ranked:
         means = [c.best.mean for c in ranked]
         errors = [0.0 if math.isnan(c.best.half_width) else c.best.half_width for c in ranked]
-        bars = ax_rank.barh(range(len(ranked)), means, xerr=errors, capsize=3, color=[color(c) for c in ranked],
-                            error_kw={"elinewidth": 1.2})
+        bars = ax.barh(range(len(ranked)), means, xerr=errors, capsize=3, color=[color(c) for c in ranked],
+                       error_kw={"elinewidth": 1.2})
         marks = {NOT_DISTINGUISHABLE: " ≈", "too few runs to tell": " ?"}
-        top = report.ranked()[0].best.mean
         points = [means[0]]
         for y, (c, bar) in enumerate(zip(ranked, bars)):
             if c.verdict in marks:
                 bar.set(hatch="//", alpha=0.45)
             dots = [r.best for r in c.finished]
-            ax_rank.scatter(dots, [y] * len(dots), color="black", s=12, zorder=3)
+            ax.scatter(dots, [y] * len(dots), color="black", s=12, zorder=3)
             right = max(c.best.mean + errors[y], *dots)
-            ax_rank.text(right, y, f" {c.best.mean:.4f} ({c.best.mean - top:+.4f}){marks.get(c.verdict, '')}", va="center", fontsize=8)
+            ax.text(right, y, f" {c.best.mean:.4f} ({c.best.mean - report.top:+.4f}){marks.get(c.verdict, '')}", va="center", fontsize=8)
             points += [*dots, c.best.mean - errors[y], c.best.mean + errors[y]]
         low, high = min(points), max(points)
-        ax_rank.set_xlim(max(0.0, low - (high - low) * 0.5 - 0.01), high + (high - low) * 0.5 + 0.01)
-        ax_rank.set_yticks(range(len(ranked)), [report.label(c) for c in ranked])
-    ax_rank.set_title(f"Ranking by mean best {METRIC} (bars: 95 % CI, dots: runs)\n"
-                      "hatched ≈: not distinguishable from the winner; ?: too few runs", fontsize=11)
-    ax_rank.set_xlabel(f"best {METRIC}")
-    ax_rank.tick_params(axis="y", labelsize=8)
-    fig.suptitle(report.summary().splitlines()[0].replace("; ", ";\n", 1), fontsize=12)
-    return fig
+        ax.set_xlim(max(0.0, low - (high - low) * 0.5 - 0.01), high + (high - low) * 0.5 + 0.01)
+        ax.set_yticks(range(len(ranked)), [report.label(c) for c in ranked])
+    ax.set_title(f"Ranking by mean best {METRIC} (bars: 95 % CI, dots: runs)\n"
+                 "hatched ≈: not distinguishable from the winner; ?: too few runs", fontsize=11)
+    ax.set_xlabel(f"best {METRIC}")
+    ax.tick_params(axis="y", labelsize=8)
 
 
 def _sort_key(value: str):
@@ -506,9 +701,10 @@ def _depth_label(key: str | None, value: str) -> str:
     return f"{value} (head)" if key == "freeze.depth" and value == "-1" else value
 
 
-def compare_runs(client, runs, out_dir: Path, parent_id: str | None = None) -> Report:
-    """Build the tables and the figure for `runs`; write them to `out_dir` and log them to the parent
-    with the winner's mean best val/acc (metric `best_val/acc`) and its label (tag `tunelab.winner`)."""
+def compare_runs(client, runs, out_dir: Path, parent_id: str | None = None) -> Comparison:
+    """Build the tables and the figure for `runs`, ranking each data set's runs on their own; write them to
+    `out_dir` and log them to the parent with the winner's mean best val/acc (metric `best_val/acc`) and
+    its label (tag `tunelab.winner`)."""
     import matplotlib.pyplot as plt
 
     from tunelab.sweep import SWEEP_TAG
@@ -517,22 +713,27 @@ def compare_runs(client, runs, out_dir: Path, parent_id: str | None = None) -> R
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     trained = [r for r in runs if r.data.tags.get(SWEEP_TAG) != "true" and r.data.tags.get(KIND_TAG) != "lr_find"]
-    rows = [_row(client, r) for r in trained]
-    swept = swept_keys(rows)
-    report = Report(rows, swept, rank(group(rows, swept)), out_dir / "comparison.csv", out_dir / "comparison_runs.csv",
-                    out_dir / "comparison.md", out_dir / "comparison.png")
-    write_tables(report)
-    fig = draw(report)
-    fig.savefig(report.png, dpi=110)
+    reports = []
+    for data, rows in data_sets([_row(client, r) for r in trained]):
+        swept = swept_keys(rows)
+        reports.append(Report(rows, swept, rank(group(rows, swept)), data))
+    comparison = Comparison(reports, out_dir / "comparison.csv", out_dir / "comparison_runs.csv",
+                            out_dir / "comparison.md", out_dir / "comparison.png")
+    write_tables(comparison)
+    fig = figure(comparison)
+    fig.savefig(comparison.png, dpi=110)
     plt.close(fig)
     if parent_id:
-        for path in (report.csv, report.runs_csv, report.markdown, report.png):
+        for path in (comparison.csv, comparison.runs_csv, comparison.markdown, comparison.png):
             client.log_artifact(parent_id, str(path))
-        ranked = report.ranked()
+        # One number and one name for the sweep: those of the data set with the most runs (a sweep's runs
+        # are usually all on one; the others, if any, are in the comparison's files).
+        main = comparison.main
+        ranked = main.ranked()
         if ranked:
             client.log_metric(parent_id, f"best {METRIC}".replace(" ", "_"), ranked[0].best.mean)
-            client.set_tag(parent_id, "tunelab.winner", report.label(ranked[0]))
-    return report
+            client.set_tag(parent_id, "tunelab.winner", main.label(ranked[0]))
+    return comparison
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -571,9 +772,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Error: --parent {parent}: no such run at {uri}", file=sys.stderr)
             return 2
     out = Path(args.out or f"outputs/compare/{parent or args.experiment}")
-    report = compare_runs(client, runs, out, parent_id=parent)
-    print(report.summary())
-    print(f"wrote {report.png}, {report.markdown}, {report.csv} and {report.runs_csv}")
+    comparison = compare_runs(client, runs, out, parent_id=parent)
+    print(comparison.summary())
+    print(f"wrote {comparison.png}, {comparison.markdown}, {comparison.csv} and {comparison.runs_csv}")
     return 0
 
 
