@@ -737,10 +737,8 @@ def compare_runs(client, runs, out_dir: Path, parent_id: str | None = None) -> C
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mlflow import MlflowClient
-
     from tunelab.sweep import SWEEP_TAG
-    from tunelab.tracking import resolve_tracking_uri
+    from tunelab.tracking import open_store, resolve_tracking_uri
 
     parser = argparse.ArgumentParser(prog="python -m tunelab.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///outputs/mlflow.db)")
@@ -750,7 +748,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output folder (default: outputs/compare/<parent or experiment>)")
     args = parser.parse_args(argv)
     uri = resolve_tracking_uri(args.tracking_uri)
-    client = MlflowClient(uri)
+    client, _ = open_store(uri)
     experiment = client.get_experiment_by_name(args.experiment)
     if experiment is None:
         print(f"Error: no experiment {args.experiment!r} at {uri}", file=sys.stderr)
