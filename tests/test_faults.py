@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ROOT, metric_series, mlflow_runs, run_train
+from conftest import ROOT, SMALL, metric_series, mlflow_runs, run_train
 from tunelab import checkpoints, run, tracking
 from tunelab.errors import ConfigError, ReportedError
 from tunelab.loop import NonFiniteLossError
@@ -49,6 +52,42 @@ class InfGradAfter(NanAfter):
     def broken(self, loss):
         loss.register_hook(lambda grad: grad * float("inf"))
         return loss
+
+
+class FullDisk:
+    """torch.save as on a disk that fills up after `good_writes` checkpoints: each later write puts
+    some bytes in its file, then fails with ENOSPC."""
+
+    def __init__(self, save, good_writes: int):
+        self.save, self.good_writes, self.calls = save, good_writes, 0
+
+    def __call__(self, obj, f, *args, **kwargs):
+        self.calls += 1
+        if self.calls <= self.good_writes:
+            return self.save(obj, f, *args, **kwargs)
+        f.write(b"\0" * 65536)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+#: `python WRAPPER.py ARGS` = `python train.py ARGS` on a disk that is full after the checkpoints of epoch 1.
+FULL_DISK_TRAIN_PY = """\
+import runpy, sys
+sys.path.insert(0, {tests!r})
+import torch
+from test_faults import FullDisk
+torch.save = FullDisk(torch.save, good_writes=2)
+sys.argv[0] = {train!r}
+runpy.run_path({train!r}, run_name="__main__")
+"""
+_UNITS = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
+
+
+def _free_and_needed(message: str) -> tuple[float, float]:
+    """The free space and the space needed that a checkpoint write error reports, in bytes."""
+    size = r"([0-9.]+) (B|kB|MB|GB|TB)"
+    match = re.search(rf"has {size} free, and the checkpoint needs about {size}", message)
+    assert match, message
+    return float(match[1]) * _UNITS[match[2]], float(match[3]) * _UNITS[match[4]]
 
 
 def _all_metrics(client, run_id):
@@ -409,3 +448,72 @@ def test_keeping_no_checkpoint_and_no_logged_model_is_warned_about(small_cfg, tr
     with caplog.at_level("WARNING", logger="tunelab.run"):
         run.train(small_cfg(f"trainer.checkpoint_dir={tmp_path}", "trainer.keep_checkpoints=none"))
     assert "a finished run keeps no weights" in caplog.text
+
+
+@pytest.mark.parametrize("epochs, trained", [(2, 2), (4, 3)])  # the last epoch's write fails; an earlier one's stops the run
+def test_a_full_disk_fails_the_run_keeps_the_last_checkpoint_and_everything_logged(epochs, trained, small_cfg, tracking_uri, tmp_path,
+                                                                                   monkeypatch):
+    folder = tmp_path / "checkpoints"
+    monkeypatch.setattr(torch, "save", FullDisk(torch.save, good_writes=2))  # last.pt and best.pt of epoch 1
+    save = checkpoints.Saver.save
+
+    def save_once_the_write_failed(self, last, loop_state, is_best):  # the failed write of epoch 2 is over by epoch 3's end
+        deadline = time.monotonic() + 60
+        while loop_state.epoch == 3 and self.writer.error is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        save(self, last, loop_state, is_best)
+
+    monkeypatch.setattr(checkpoints.Saver, "save", save_once_the_write_failed)
+    with pytest.raises(ReportedError, match=rf"could not write the checkpoint {re.escape(str(folder))}/last\.pt \(\[Errno 28\]") as info:
+        run.train(small_cfg(f"trainer.max_epochs={epochs}", f"trainer.checkpoint_dir={folder}", "trainer.checkpoint_min_interval_s=0",
+                            log_model=True))
+    free, needed = _free_and_needed(str(info.value))
+    assert free == pytest.approx(shutil.disk_usage(folder).free, rel=0.1)
+    assert needed == pytest.approx((folder / "last.pt").stat().st_size, rel=0.1)
+    assert not list(folder.glob("*.tmp"))
+    assert torch.load(folder / "last.pt", weights_only=True)["loop"]["epoch"] == 1
+    client, runs = mlflow_runs(tracking_uri)
+    run_id = runs[0].info.run_id
+    assert runs[0].info.status == "FAILED"
+    assert [s for s, _ in metric_series(client, run_id, "val/acc")] == list(range(trained))
+    assert [s for s, _ in metric_series(client, run_id, "train/loss")] == list(range(4 * trained))
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert "lr_curve.png" in artifacts and "model" not in artifacts
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A folder on a 20 MB file system, where resnet18's last.pt (90 MB) does not fit; None where
+    mounting one is not allowed (not root)."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(folder)], capture_output=True).returncode == 0
+    except FileNotFoundError:
+        mounted = False
+    yield folder if mounted else None
+    if mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.slow
+def test_train_py_on_a_full_disk_ends_failed_with_one_paragraph(tmp_path, small_disk):
+    folder, script = small_disk, ROOT / "train.py"
+    if small_disk is None:  # no file system of our own: one that fills up after epoch 1
+        folder, script = tmp_path / "checkpoints", tmp_path / "full_disk_train.py"
+        script.write_text(FULL_DISK_TRAIN_PY.format(tests=str(ROOT / "tests"), train=str(ROOT / "train.py")))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    args = [*SMALL, "model=resnet18", "logger.log_model=false", "trainer.checkpoint_min_interval_s=0",
+            f"trainer.checkpoint_dir={folder}", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run([sys.executable, str(script), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and f"could not write the checkpoint {folder}/" in errors[0], proc.stderr[-3000:]
+    free, needed = _free_and_needed(errors[0])
+    assert free < needed if small_disk else free > needed
+    assert not list(folder.glob("*.tmp"))
+    _, runs = mlflow_runs(uri)
+    assert [r.info.status for r in runs] == ["FAILED"]

@@ -6,16 +6,19 @@ global step, best metric, the history of lrs and epoch metrics), how many stages
 (gradual unfreezing), the MLflow run id and the resolved config. It is written to a temporary file
 and renamed, so a kill during the write leaves the previous one intact; it loads with
 `torch.load(weights_only=True)`. `best.pt` holds the weights of the best epoch by `monitor`.
-`Saver` decides when they are written.
+`Saver` decides when they are written. A write that fails (a full disk, no permission) leaves no
+temporary file and is a CheckpointError naming the folder, its free space and the space needed.
 """
 
 from __future__ import annotations
 
 import copy
+import errno
 import logging
 import os
 import queue
 import random
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -24,7 +27,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from tunelab.errors import ConfigError, require
+from tunelab.errors import ConfigError, ReportedError, require
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +41,62 @@ RESUMABLE_CHANGES = ("trainer.resume", "trainer.progress", "trainer.device", "tr
 KEEP = {"all": (), "best": (LAST,), "none": (LAST, BEST)}
 
 
+class CheckpointError(ReportedError):
+    """A checkpoint could not be written; the run ends FAILED, and the checkpoints written before stay."""
+
+
 def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to `path.tmp`, fsync, then rename over `path`."""
+    """torch.save to `path.tmp`, fsync, then rename over `path`; the temporary file is removed
+    when any of it fails (a full disk would otherwise stay full)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """The bytes of the tensors in `obj` (nested dicts, lists, tuples): about the size of its file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(value) for value in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(value) for value in obj)
+    return 0
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def write_error(obj: Any, path: Path, err: BaseException) -> CheckpointError:
+    """What a failed write of `obj` to `path` tells the user: the folder, the space free there (of its
+    nearest existing parent, when it has vanished) and the space the checkpoint needs."""
+    folder = path.parent
+    existing = next(p for p in (folder, *folder.parents) if os.path.exists(p))  # (False where it cannot be looked at)
+    free, needed = shutil.disk_usage(existing).free, _tensor_bytes(obj)
+    reason = (str(err).splitlines() or [type(err).__name__])[0][:300]
+    full = free < needed or (isinstance(err, OSError) and err.errno == errno.ENOSPC)
+    remedy = "make room there" if full else f"check that {existing} can be written"
+    kept = (f"the {LAST} written before stays, and trainer.resume={folder} continues the run from it"
+            if os.path.isfile(folder / LAST) else f"no {LAST} of this run was written")
+    error = CheckpointError(
+        f"could not write the checkpoint {path} ({reason}): {folder} has {_size(free)} free, and the checkpoint needs "
+        f"about {_size(needed)}. To go on, {remedy} or set trainer.checkpoint_dir to another folder; {kept}."
+    )
+    error.__cause__ = err
+    return error
 
 
 def _refreshed(old: Any, new: Any) -> Any:
@@ -69,7 +119,8 @@ class Writer:
     """Writes checkpoints in a background thread, in order, so training does not wait for the disk.
 
     `submit` takes a snapshot (tensors copied) and returns; `close` waits until everything is
-    written and re-raises a write error. At most two checkpoints wait at a time. `hold` keeps a
+    written. Both raise the CheckpointError of a write that failed since (the first one), so a run
+    stops at its next save, not hours later. At most two checkpoints wait at a time. `hold` keeps a
     snapshot in memory instead, replacing the one held for that path; `flush_held` writes them,
     and `submit` of the same path drops it.
     """
@@ -78,7 +129,13 @@ class Writer:
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._thread: threading.Thread | None = None
         self._held: dict[Path, Any] = {}
-        self.error: BaseException | None = None
+        self.error: CheckpointError | None = None
+
+    def check(self) -> None:
+        """Raise the error of a write that failed since the last check, if any."""
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
 
     def submit(self, obj: Any, path: Path) -> None:
         self._held.pop(path, None)
@@ -105,17 +162,16 @@ class Writer:
                 return
             try:
                 save_atomic(*item)
-            except BaseException as err:  # reported by close()
-                self.error = self.error or err
+            except BaseException as err:  # raised in the training thread by check()
+                if self.error is None:  # the first since the last check
+                    self.error = write_error(*item, err)
 
     def close(self) -> None:
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise RuntimeError(f"could not write a checkpoint: {error}") from error
+        self.check()
 
 
 class Saver:
@@ -135,6 +191,8 @@ class Saver:
         self.written_at = time.monotonic()
 
     def save(self, last: dict, loop_state: Any, is_best: bool) -> None:
+        """Write or hold this snapshot; first raise the CheckpointError of an earlier write that failed."""
+        self.writer.check()
         best = {"model": last["model"], "epoch": loop_state.epoch, self.monitor: loop_state.best} if is_best else None
         if loop_state.batch or time.monotonic() - self.written_at >= self.min_interval_s:
             self.writer.submit(last, self.folder / LAST)

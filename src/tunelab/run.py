@@ -512,13 +512,19 @@ def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, ru
                 on_epoch_start=unfreeze, save=save, save_every_n_steps=cfg.trainer.checkpoint_every_n_steps or 0,
                 stop_requested=stop, ema=ema, early_stopping=early_stopping, dist=dist, eval_model=trained,
             )
+            if saver is not None:  # FINISHED means every checkpoint is on disk: a write that fails makes the run FAILED
+                saver.close()
             status = "FINISHED"
             if state.stop_reason:
                 logger.set_tag(EARLY_STOP_TAG, state.stop_reason)
         except (Interrupted, KeyboardInterrupt):
             status = "KILLED"
             if saver is not None:
-                saver.close()
+                try:
+                    saver.close()
+                except checkpoints.CheckpointError:
+                    status = "FAILED"
+                    raise
                 if (run_dir / checkpoints.LAST).is_file():
                     print(f"\nStopped. Continue this run with:\n  {resume_command(run_dir, dist.world_size)}\n", file=sys.stderr)
             if stop.signal is not None:
@@ -527,13 +533,15 @@ def _train(cfg: DictConfig, logger, device: torch.device, saved, resume_from, ru
         finally:
             try:
                 if saver is not None:
-                    saver.flush()  # what the last epochs put off, whatever the outcome
-                if dist.is_main:  # the last checkpoints are written meanwhile
+                    saver.flush()  # what the last epochs of a failing run put off
+                if dist.is_main:  # those checkpoints are written meanwhile
                     _log_results(logger, state.history, steps_per_epoch, model if status == "FINISHED" else None, splits)
             finally:
                 try:
                     if saver is not None:
                         saver.close()
+                except checkpoints.CheckpointError as err:  # only a failing run writes here: its own error is the one raised
+                    log.error("%s", err)
                 finally:
                     logger.finish(status)
     if saver is not None:  # the run finished and everything is stored
