@@ -1,17 +1,21 @@
-"""Figures a person would rather look at than read: learning-rate curves."""
+"""Figures a person would rather look at than read: learning-rate curves, and the pyplot every figure is drawn with."""
 
 from __future__ import annotations
 
 from typing import Mapping, Sequence
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no window), loaded on first use."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+_pyplot = pyplot  # the name lr_find.py imports
 
 
 def lr_curves(curves: Mapping[str, Sequence[float]], steps_per_epoch: int | None = None, title: str = "Learning rate",
@@ -22,7 +26,7 @@ def lr_curves(curves: Mapping[str, Sequence[float]], steps_per_epoch: int | None
     shorter one belongs to a stage that gradual unfreezing added later, and starts that late.
     Otherwise every curve starts at step 0 (schedules of different lengths in a preview).
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5), constrained_layout=True)
     longest = max((len(v) for v in curves.values()), default=0)
     colors = plt.cm.tab20.colors if len(curves) > 10 else plt.cm.tab10.colors
