@@ -52,6 +52,9 @@ def tunelab_side(name: str, data, precision: str, channels_last: bool, compile_:
 
     from tunelab import data as data_lib
     from tunelab import freezing, loop, models
+    from tunelab.callbacks.freezing import Freezing
+    from tunelab.callbacks.metrics import MetricLogger
+    from tunelab.callbacks.progress import ProgressBar
     from tunelab.schedules import build_schedule
 
     x, y, xv, yv = data
@@ -72,9 +75,9 @@ def tunelab_side(name: str, data, precision: str, channels_last: bool, compile_:
 
     def epoch() -> float:
         started = time.perf_counter()
-        loop.fit(trained, train, val, opt, schedule, torch.nn.CrossEntropyLoss(), logger, max_epochs=state.epoch + 1, device=device,
-                 state=state, progress=True, precision=precision, channels_last=channels_last, scaler=scaler,
-                 train_mode=lambda: freezing.train_mode(model, plan), trainable_params=plan.trainable_params)
+        options = loop.LoopOptions(max_epochs=state.epoch + 1, device=device, precision=precision, channels_last=channels_last)
+        callbacks = [Freezing(model, plan, schedule), MetricLogger(logger), ProgressBar()]
+        loop.fit(trained, train, val, opt, schedule, torch.nn.CrossEntropyLoss(), options, callbacks, state, scaler)
         return time.perf_counter() - started
 
     return epoch, state

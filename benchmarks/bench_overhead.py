@@ -52,7 +52,7 @@ def tunelab_pieces(logger, folder: Path | None = None):
 
     splits = data.digits(32, models.IMAGENET_MEAN, models.IMAGENET_STD, seed=42)
     torch.manual_seed(42)
-    from tunelab.run import optimizer_factory
+    from tunelab.optimizers import optimizer_factory
 
     model = models.torchvision_model("resnet18", 10)
     plan = freezing.freeze(model, 0)
@@ -67,24 +67,25 @@ def tunelab_pieces(logger, folder: Path | None = None):
 
 
 def tunelab_epoch(p) -> float:
-    from tunelab import checkpoints, freezing, loop
+    from tunelab import loop
+    from tunelab.callbacks.checkpointing import Checkpointing
+    from tunelab.callbacks.freezing import Freezing
+    from tunelab.callbacks.metrics import MetricLogger
+    from tunelab.callbacks.progress import ProgressBar
 
     state = p["state"] or loop.LoopState()
     saver = p["saver"]
 
-    def save(loop_state, is_best: bool) -> None:  # what run.py saves, less what this loop lacks
-        saver.save({
-            "model": p["model"].state_dict(), "optimizer": p["opt"].state_dict(), "schedule": p["schedule"].state_dict(),
-            "rng": checkpoints.rng_state(), "loop": loop_state.to_dict(), "frozen": p["plan"].frozen,
-        }, loop_state, is_best)
+    def contents() -> dict:  # what run.py saves, less what this loop lacks
+        return {"model": p["model"].state_dict(), "optimizer": p["opt"].state_dict(), "schedule": p["schedule"].state_dict(),
+                "frozen": p["plan"].frozen}
 
+    callbacks = [Freezing(p["model"], p["plan"], p["schedule"]), MetricLogger(p["logger"]), ProgressBar()]
+    if saver is not None:
+        callbacks.append(Checkpointing(saver, contents))
     started = time.perf_counter()
-    p["state"] = loop.fit(
-        p["model"], p["train"], p["val"], p["opt"], p["schedule"], torch.nn.CrossEntropyLoss(), p["logger"],
-        max_epochs=state.epoch + 1, device=torch.device("cpu"), state=state, progress=True,
-        train_mode=lambda: freezing.train_mode(p["model"], p["plan"]), trainable_params=p["plan"].trainable_params,
-        save=save if saver is not None else None,
-    )
+    options = loop.LoopOptions(max_epochs=state.epoch + 1, device=torch.device("cpu"))
+    p["state"] = loop.fit(p["model"], p["train"], p["val"], p["opt"], p["schedule"], torch.nn.CrossEntropyLoss(), options, callbacks, state)
     if saver is not None:
         saver.writer.close()  # this epoch's write, if any, is charged to this epoch, not to the next bare one
     return time.perf_counter() - started

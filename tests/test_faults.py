@@ -18,6 +18,7 @@ from torch import nn
 from conftest import ROOT, SMALL, metric_series, mlflow_runs, run_train
 from tunelab import checkpoints, run, tracking
 from tunelab.errors import ConfigError, ReportedError
+from tunelab.callbacks.signals import StopFlag
 from tunelab.loop import NonFiniteLossError
 
 RESUMABLE = [
@@ -163,7 +164,7 @@ def test_resume_mid_epoch_on_image_files_equals_an_uninterrupted_run(small_cfg, 
         return checks["n"] == 8
 
     with monkeypatch.context() as patch:
-        patch.setattr(run._StopFlag, "__call__", stop_in_epoch_2)
+        patch.setattr(StopFlag, "__call__", stop_in_epoch_2)
         with pytest.raises(Interrupted):
             run.train(small_cfg(*common, f"trainer.checkpoint_dir={tmp_path}/stopped", "logger.experiment_name=stopped"))
     stopped = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)["loop"]

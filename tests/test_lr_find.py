@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from conftest import metric_series, mlflow_runs
-from tunelab import lr_find, run
+from tunelab import environment, lr_find, prepare, range_test, run
 
 
 def _prepared(cfg):
-    run.seed_everything(cfg.seed, False)
-    return run.prepare(cfg, torch.device("cpu"))
+    environment.seed_everything(cfg.seed, False)
+    return prepare.prepare(cfg, torch.device("cpu"))
 
 
 def test_range_test_suggests_inside_the_range_stops_on_divergence_and_leaves_the_model(small_cfg):
@@ -22,7 +22,7 @@ def test_range_test_suggests_inside_the_range_stops_on_divergence_and_leaves_the
     before = {k: v.clone() for k, v in prepared.model.state_dict().items()}
     rng_before = torch.get_rng_state()
 
-    result = run.range_test(cfg, prepared, torch.device("cpu"))
+    result = range_test.for_config(cfg, prepared, torch.device("cpu"))
 
     assert 1e-5 <= result.suggestion <= 100
     assert result.lrs[0] == pytest.approx(1e-5) and result.lrs == sorted(result.lrs)
@@ -38,12 +38,12 @@ def test_suggestion_rules():
     lrs = [10 ** (-6 + i * 0.25) for i in range(20)]
     falling = [3.0 - (0.5 * i if 6 <= i <= 12 else 0.05 * i) for i in range(20)]
     falling = [v if i < 14 else 10.0 for i, v in enumerate(falling)]
-    lr, rule = lr_find.suggest(lrs, falling)
+    lr, rule = range_test.suggest(lrs, falling)
     assert lrs[6] <= lr <= lrs[12] and "steepest" in rule
     # A curve whose minimum is at its start: fall back to the minimum's lr / 10
-    lr, rule = lr_find.suggest(lrs, [1.0 + i for i in range(20)])
+    lr, rule = range_test.suggest(lrs, [1.0 + i for i in range(20)])
     assert lr == lrs[0] and "/ 10" in rule  # never outside the swept range
-    lr, rule = lr_find.suggest(lrs, [5.0 - i if i < 8 else 0.0 for i in range(20)][:9] + [9.0] * 11)
+    lr, rule = range_test.suggest(lrs, [5.0 - i if i < 8 else 0.0 for i in range(20)][:9] + [9.0] * 11)
     assert lrs[0] <= lr <= lrs[8]
 
 

@@ -7,6 +7,7 @@ import torch
 
 from conftest import metric_series, mlflow_runs
 from tunelab import loop, models, run
+from tunelab.optimizers import optimizer_factory
 from tunelab.data import make_loader
 
 
@@ -176,7 +177,7 @@ def test_the_fused_update_is_the_per_parameter_rule(name):
     second.load_state_dict(first.state_dict())
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     for model, fused in ((first, True), (second, False)):
-        optimizer = run.optimizer_factory(OmegaConf.merge(cfg, {"fused": fused}))([{"params": list(model.parameters())}])
+        optimizer = optimizer_factory(OmegaConf.merge(cfg, {"fused": fused}))([{"params": list(model.parameters())}])
         assert optimizer.param_groups[0]["fused"] is fused
         for _ in range(3):
             optimizer.zero_grad()
@@ -191,9 +192,9 @@ def test_fused_gives_way_to_foreach_and_to_devices_without_the_kernel(caplog):
 
     cfg = OmegaConf.create({"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1, "fused": True})
     on_cpu = [torch.nn.Parameter(torch.zeros(3))]
-    assert not run.optimizer_factory(OmegaConf.merge(cfg, {"foreach": True}))(on_cpu).param_groups[0]["fused"]
+    assert not optimizer_factory(OmegaConf.merge(cfg, {"foreach": True}))(on_cpu).param_groups[0]["fused"]
     with caplog.at_level("INFO", logger="tunelab.run"):
-        optimizer = run.optimizer_factory(cfg)([torch.nn.Parameter(torch.zeros(3, device="meta"))])
+        optimizer = optimizer_factory(cfg)([torch.nn.Parameter(torch.zeros(3, device="meta"))])
     assert not optimizer.param_groups[0]["fused"]
     assert "no fused kernel here (meta)" in caplog.text
 
@@ -223,10 +224,10 @@ def test_sgd_with_momentum_keeps_the_loop_beside_a_grad_scaler():
     sgd = OmegaConf.create({"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1, "momentum": 0.9, "fused": True})
     adam = OmegaConf.create({"_target_": "torch.optim.Adam", "_partial_": True, "lr": 0.1, "fused": True})
     param = torch.nn.Parameter(torch.ones(100_000))
-    optimizer = run.optimizer_factory(sgd, grad_scaler=True)([param])
+    optimizer = optimizer_factory(sgd, grad_scaler=True)([param])
     assert not optimizer.param_groups[0]["fused"]
-    assert run.optimizer_factory(adam, grad_scaler=True)([param]).param_groups[0]["fused"]
-    assert run.optimizer_factory(sgd)([param]).param_groups[0]["fused"]
+    assert optimizer_factory(adam, grad_scaler=True)([param]).param_groups[0]["fused"]
+    assert optimizer_factory(sgd)([param]).param_groups[0]["fused"]
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0)
     for gradient in (float("inf"), 2.0, 2.0):
         scaler.scale(torch.tensor(1.0))

@@ -7,7 +7,10 @@ import torch
 from torch.utils.data import TensorDataset
 
 from conftest import metric_series, mlflow_runs, options
-from tunelab import data, loop, run
+from tunelab import data, run
+from tunelab.callbacks.early_stopping import EarlyStopping
+from tunelab.callbacks.ema import WeightEMA
+from tunelab.checks import check_config
 from tunelab.errors import ConfigError
 
 
@@ -66,7 +69,7 @@ def test_ema_with_decay_zero_equals_the_raw_weights_and_follows_the_formula():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
     model[0].requires_grad_(False)  # frozen: averaged as itself
-    raw, half = loop.WeightEMA(model, 0.0), loop.WeightEMA(model, 0.5)
+    raw, half = WeightEMA(model, 0.0), WeightEMA(model, 0.5)
     expected = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     for _ in range(3):
@@ -94,16 +97,16 @@ def test_ema_run_logs_val_acc_ema_and_saves_it(small_cfg, tracking_uri, tmp_path
 
 
 def test_early_stopping_counts_epochs_without_improvement():
-    stopper = loop.EarlyStopping(patience=2, monitor="val/acc", min_delta=0.01)
+    stopper = EarlyStopping(patience=2, monitor="val/acc", min_delta=0.01)
     series = [0.50, 0.60, 0.605, 0.61, 0.70, 0.70, 0.70]
     reasons = [stopper.update({"val/acc": v}, epoch) for epoch, v in enumerate(series)]
     assert reasons[:3] == [None, None, None]  # 0.605 is not better by more than 0.01
     assert reasons[3] is not None and "best 0.6000 at epoch 2" in reasons[3]
-    losses = loop.EarlyStopping(patience=1, monitor="val/loss")
+    losses = EarlyStopping(patience=1, monitor="val/loss")
     assert losses.mode == "min"
     assert [losses.update({"val/loss": v}, e) is not None for e, v in enumerate([1.0, 0.9, 0.95])] == [False, False, True]
     with pytest.raises(ConfigError, match="patience"):
-        loop.EarlyStopping(patience=0)
+        EarlyStopping(patience=0)
 
 
 @pytest.mark.parametrize("scheduler", options("scheduler"))
@@ -132,4 +135,4 @@ def test_resuming_an_early_stopped_run_trains_no_further(small_cfg, tracking_uri
 
 def test_ema_monitor_without_ema_is_a_config_error(small_cfg):
     with pytest.raises(ConfigError, match="trainer.ema_decay"):
-        run.check_config(small_cfg("trainer.early_stopping.monitor=val/acc_ema"))
+        check_config(small_cfg("trainer.early_stopping.monitor=val/acc_ema"))

@@ -107,3 +107,8 @@ class DataParallel(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.inner(*args, **kwargs)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a `DataParallel` wrapper; any other module itself."""
+    return module.inner.module if isinstance(module, DataParallel) else module

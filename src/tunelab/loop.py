@@ -1,26 +1,29 @@
-"""The training loop: train and validate each epoch, step the schedule, hand metrics to the logger.
+"""The training loop: batches, forward and loss, backward with accumulation, optimizer step,
+schedule step, validation. Everything optional (logging, checkpoints, EMA, early stopping, gradual
+unfreezing, stop signals, the progress bar) is a callback (`tunelab.callbacks`).
 
-Per optimizer step s (0-based over the whole run) the logger receives `lr` (and `lr/<group>` when
+Per optimizer step s (0-based over the whole run) the callbacks receive `lr` (and `lr/<group>` when
 there are several groups): the rate that step used, read just before `optimizer.step()`, and
-`train/loss`, the mean loss of the batches accumulated into that step. Per epoch it receives
-`train/acc`, `val/loss`, `val/acc` and `trainable_params` at `step=epoch`. Losses stay on the device
-and are read once per logging interval, so a step never waits for the host.
+`train/loss`, the mean loss of the batches accumulated into that step. Losses stay on the device and
+are read once per logging interval (`on_train_metrics`), so a step never waits for the host. Per
+epoch they receive `train/loss`, `train/acc`, `val/loss` and `val/acc` (`on_validation_end`,
+`on_epoch_end`).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
 
-from tunelab.distributed import SINGLE, Context
-from tunelab.errors import ReportedError, require
+from tunelab.callbacks.base import Callback, CallbackList
+from tunelab.distributed import SINGLE, Context, unwrap
+from tunelab.errors import ReportedError
 
 log = logging.getLogger(__name__)
 
@@ -81,78 +84,6 @@ class LoopState:
 
 class Interrupted(BaseException):
     """Ctrl-C or SIGTERM asked the loop to stop; it stopped at an optimizer-step boundary."""
-
-
-class WeightEMA:
-    """An exponential moving average of a module's weights, updated after every optimizer step.
-
-    `ema = decay * ema + (1 - decay) * weights` for the trainable parameters (frozen ones never
-    change, so their average is themselves); buffers (BatchNorm statistics) are copied. Decay 0 makes
-    the average equal the raw weights. Evaluated each epoch as `val/acc_ema` and `val/loss_ema`.
-    """
-
-    def __init__(self, module: nn.Module, decay: float):
-        self.decay = float(decay)
-        self.module = copy.deepcopy(module).eval().requires_grad_(False)
-        self._pairs = list(zip(self.module.parameters(), module.parameters()))
-        self._buffers = list(zip(self.module.buffers(), module.buffers()))
-
-    @torch.no_grad()
-    def update(self) -> None:
-        pairs = [(a, p) for a, p in self._pairs if p.requires_grad]
-        if pairs:
-            averages, weights = zip(*pairs)
-            torch._foreach_lerp_(list(averages), list(weights), 1.0 - self.decay)
-        for average, buffer in self._buffers:
-            average.copy_(buffer)
-
-    def state_dict(self) -> dict:
-        return self.module.state_dict()
-
-    def load_state_dict(self, state: Mapping) -> None:
-        self.module.load_state_dict(state)
-
-
-@dataclass
-class EarlyStopping:
-    """Stop when `monitor` has not improved by more than `min_delta` for `patience` epochs.
-
-    `mode` is "min", "max", or "auto" (min for losses, max otherwise). `update` returns the reason
-    to stop, or None to go on.
-    """
-
-    patience: int
-    monitor: str = "val/acc"
-    mode: str = "auto"
-    min_delta: float = 0.0
-    best: float | None = None
-    best_epoch: int = -1
-    waited: int = 0
-
-    def __post_init__(self) -> None:
-        require(isinstance(self.patience, int) and not isinstance(self.patience, bool) and self.patience >= 1,
-                f"trainer.early_stopping.patience={self.patience!r} must be an integer >= 1 (or null to train every epoch)")
-        require(self.mode in ("min", "max", "auto"), f"trainer.early_stopping.mode={self.mode} must be min, max or auto")
-        require(isinstance(self.min_delta, (int, float)) and self.min_delta >= 0,
-                f"trainer.early_stopping.min_delta={self.min_delta!r} must be a number >= 0")
-        if self.mode == "auto":
-            self.mode = "min" if self.monitor.endswith("loss") else "max"
-
-    def update(self, metrics: Mapping[str, float], epoch: int) -> str | None:
-        value = metrics[self.monitor]
-        better = self.best is None or (
-            value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
-        )
-        if better:
-            self.best, self.best_epoch, self.waited = value, epoch, 0
-            return None
-        self.waited += 1
-        if self.waited < self.patience:
-            return None
-        return (
-            f"{self.monitor} did not improve by more than {self.min_delta:g} for {self.patience} epochs "
-            f"(best {self.best:.4f} at epoch {self.best_epoch + 1}); stopped after epoch {epoch + 1}"
-        )
 
 
 def improved(value: float, best: float | None, monitor: str) -> bool:
@@ -275,191 +206,214 @@ def _finite_gradients(optimizer: torch.optim.Optimizer) -> bool:
     return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
-def fit(
-    model: nn.Module,
-    train_loader,
-    val_loader,
-    optimizer: torch.optim.Optimizer,
-    schedule,
-    loss_fn: nn.Module,
-    logger,
-    *,
-    max_epochs: int,
-    device: torch.device,
-    train_mode: Callable[[], None],
-    trainable_params: Callable[[], int],
-    accumulate: int = 1,
-    precision: str = "32",
-    progress: bool = True,
-    log_every: int = 50,
-    monitor: str = "val/acc",
-    skip_nonfinite: bool = False,
-    state: LoopState | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    channels_last: bool = False,
-    on_epoch_start: Callable[[int], None] | None = None,
-    save: Callable[[LoopState, bool], None] | None = None,
-    save_every_n_steps: int = 0,
-    stop_requested: Callable[[], bool] = lambda: False,
-    ema: WeightEMA | None = None,
-    early_stopping: EarlyStopping | None = None,
-    dist: Context = SINGLE,
-    eval_model: nn.Module | None = None,
-) -> LoopState:
-    """Train until `max_epochs`, validating after each epoch; continue from `state` when given.
 
-    `train_mode()` puts the model in training mode (frozen BatchNorm stays in eval);
-    `schedule.after_optimizer_step()` runs after every `optimizer.step()`,
-    `schedule.after_epoch(metrics)` after every validation. `save(state, is_best)` is called at the
-    end of every epoch, every `save_every_n_steps` optimizer steps, and when `stop_requested()`
-    turns true (then the loop raises `Interrupted` at that step boundary). `ema.update()` follows
-    every optimizer step; `early_stopping` may end the loop after an epoch (`state.stop_reason`).
-    In a data-parallel run (`dist`) the logged losses and accuracies are means over all processes,
-    `stop_requested()` is agreed on at every step, and `eval_model` (the module without its DDP
-    wrapper) is what validation runs.
+
+@dataclass
+class LoopOptions:
+    """How the loop runs, from the config: the values `fit` needs besides its objects."""
+
+    max_epochs: int
+    device: torch.device
+    accumulate: int = 1
+    precision: str = "32"
+    channels_last: bool = False
+    #: Read the step losses and hand them to the callbacks every this many optimizer steps.
+    log_every: int = 50
+    #: The epoch metric whose best value `state.best` keeps (and `on_checkpoint`'s `is_best` tells).
+    monitor: str = "val/acc"
+    #: Skip batches with a non-finite loss (and steps with non-finite gradients) instead of stopping.
+    skip_nonfinite: bool = False
+    dist: Context = SINGLE
+
+
+def fit(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Optimizer, schedule, loss_fn: nn.Module,
+        options: LoopOptions, callbacks: Iterable[Callback] = (), state: LoopState | None = None,
+        scaler: torch.amp.GradScaler | None = None) -> LoopState:
+    """Train until `options.max_epochs`, validating after each epoch; continue from `state` when given.
+
+    `schedule.after_optimizer_step()` runs after every `optimizer.step()`, `schedule.after_epoch(metrics)`
+    after every validation. The callbacks' hooks are called in the order of `tunelab.callbacks.base`.
+    In a data-parallel run (`options.dist`, `model` wrapped in `distributed.DataParallel`) the losses
+    and accuracies are means over all processes, and validation runs on the unwrapped module.
     """
-    from tqdm.auto import tqdm
+    return Loop(model, train_loader, val_loader, optimizer, schedule, loss_fn, options, CallbackList(callbacks), state, scaler).run()
 
-    state = state or LoopState()
-    history = state.history
-    scaler = scaler or torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
-    batches = len(train_loader)
-    steps_per_epoch = math.ceil(batches / accumulate)
-    check_every = 1 if device.type == "cpu" and not dist.enabled else log_every
-    eval_model = model if eval_model is None else eval_model  # not `or`: a compiled module has no truth value
-    if early_stopping:  # a resumed run continues the count where it was
-        for past in history.epochs:
-            early_stopping.update(past, past["epoch"])
-    log.info("Training: %d epochs of %d optimizer steps each (%d batches per epoch) on %s", max_epochs, steps_per_epoch, batches, device)
-    for epoch in range(state.epoch, max_epochs if state.stop_reason is None else state.epoch):  # early stopping ended it
-        started = time.perf_counter()
+
+class Loop:
+    """One `fit`: its objects, where it is (`state`), and what callbacks may ask of it (see
+    `tunelab.callbacks.base`)."""
+
+    def __init__(self, model, train_loader, val_loader, optimizer, schedule, loss_fn, options: LoopOptions,
+                 callbacks: CallbackList, state: LoopState | None, scaler) -> None:
+        self.model, self.train_loader, self.val_loader = model, train_loader, val_loader
+        self.optimizer, self.schedule, self.loss_fn, self.options, self.callbacks = optimizer, schedule, loss_fn, options, callbacks
+        self.state = state or LoopState()
+        self.scaler = scaler or torch.amp.GradScaler(options.device.type, enabled=options.precision == "16-mixed")
+        self.batches = len(train_loader)
+        self.steps_per_epoch = math.ceil(self.batches / options.accumulate)
+        self.interrupt: str | None = None
+        self._checkpoint_asked = False
+        self._pending: list[tuple[int, dict[str, float], torch.Tensor, bool]] = []  # step, lrs, loss, whether any batch counted
+        self._tally = _Tally(0.0, 0, 0, options.device)
+        self.evaluated = unwrap(model)  # validation runs without the DDP wrapper
+        self._epoch_started = time.perf_counter()
+
+    def request_checkpoint(self) -> None:
+        """Write a checkpoint at the end of this optimizer step (`on_checkpoint`)."""
+        self._checkpoint_asked = True
+
+    def validate(self, module: nn.Module) -> dict[str, float]:
+        """`val/loss` and `val/acc` of `module` on the validation batches (over all processes)."""
+        o = self.options
+        return evaluate(module, self.val_loader, self.loss_fn, o.device, o.precision, o.channels_last, o.dist)
+
+    def run(self) -> LoopState:
+        o, state = self.options, self.state
+        log.info("Training: %d epochs of %d optimizer steps each (%d batches per epoch) on %s",
+                 o.max_epochs, self.steps_per_epoch, self.batches, o.device)
+        try:
+            self.callbacks.on_fit_start(self)
+            for epoch in range(state.epoch, o.max_epochs if state.stop_reason is None else state.epoch):  # early stopping ended it
+                self._train_epoch(epoch)
+                self._end_epoch(epoch)
+                if state.stop_reason:
+                    log.info("Early stopping: %s", state.stop_reason)
+                    break
+                if self.interrupt:
+                    raise Interrupted(self.interrupt)
+            self.callbacks.on_fit_end(self)
+        except BaseException as err:
+            self.callbacks.on_exception(self, err)
+            raise
+        return state
+
+    def _train_epoch(self, epoch: int) -> None:
+        state = self.state
         state.epoch = epoch
-        if state.batch == 0 and on_epoch_start:
-            on_epoch_start(epoch)
-        train_mode()
-        train_loader.sampler.set_epoch(epoch)
-        pending: list[tuple[int, dict[str, float], torch.Tensor, bool]] = []  # step, lrs, loss, whether any batch counted
-        tally = _Tally(state.loss_sum, state.correct, state.seen, device)
+        self._epoch_started = time.perf_counter()
+        self.model.train()
+        self.callbacks.on_epoch_start(self)
+        self.train_loader.sampler.set_epoch(epoch)
+        self._tally = _Tally(state.loss_sum, state.correct, state.seen, self.options.device)
         step_losses: list[torch.Tensor] = []  # the main-head losses of the batches of this optimizer step
         resume_at = state.batch
-        bar = tqdm(total=steps_per_epoch, initial=math.ceil(resume_at / accumulate), desc=f"epoch {epoch + 1}/{max_epochs}",
-                   disable=not progress, leave=False, dynamic_ncols=True)
-
-        def drain(send: bool = True) -> None:
-            """Read the pending step losses once, check them, and hand everything to the logger (which
-            sends it to the tracking store now, or with the epoch's metrics when `send` is false)."""
-            tally.fold()
-            if not pending:
-                return
-            stacked = torch.stack([loss for _, _, loss, _ in pending])
-            losses = (dist.sum(stacked) / dist.world_size if dist.enabled else stacked).tolist()
-            for (s, lrs, _, counted), value in zip(pending, losses):
-                if not counted:  # every batch of the step was skipped (trainer.skip_nonfinite): it has no loss
-                    logger.log_metrics(lrs, step=s)
-                    continue
-                if not math.isfinite(value):
-                    raise NonFiniteLossError(
-                        f"the training loss is {value} at optimizer step {s} (epoch {epoch + 1}, lr {lrs['lr']:.6g}); "
-                        "lower optimizer.lr, add warmup (scheduler.warmup_epochs), or skip such batches with trainer.skip_nonfinite=true"
-                    )
-                logger.log_metrics({**lrs, "train/loss": value}, step=s)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{pending[-1][1]['lr']:.3g}", refresh=False)
-            pending.clear()
-            if send:
-                logger.flush()
-
-        def checkpoint(is_best: bool = False) -> None:
-            # in a data-parallel run rank 0 saves the sums of all processes (the others restart from zero)
-            tally.fold()
-            total_loss, total_correct, total_seen = _all_processes(dist, tally.loss_sum, tally.correct, tally.seen, device)
-            state.loss_sum, state.correct, state.seen = total_loss.item(), int(total_correct.item()), total_seen
-            if save:
-                save(state, is_best)
-
-        train_loader.start_at(resume_at)  # a resumed epoch does not read its first batches again
-        for i, (x, y) in enumerate(train_loader, start=resume_at):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            in_step = min(accumulate, batches - (i // accumulate) * accumulate)
-            loss, full, logits = training_loss(model, x, y, loss_fn, device, precision, channels_last)
-            if skip_nonfinite and not torch.isfinite(full):
-                state.skipped += 1
-                log.warning("skipped a batch with a non-finite loss at optimizer step %d (%d skipped so far)", state.step, state.skipped)
-            else:
-                scaler.scale(full if in_step == 1 else full / in_step).backward()
-                step_losses.append(loss.detach())
-                tally.add(step_losses[-1], logits.detach(), y)
-            if (i + 1) % accumulate and i + 1 != batches:
+        self.train_loader.start_at(resume_at)  # a resumed epoch does not read its first batches again
+        for i, (x, y) in enumerate(self.train_loader, start=resume_at):
+            self._forward_backward(x, y, i, step_losses)
+            if (i + 1) % self.options.accumulate and i + 1 != self.batches:
                 continue
-            if len(step_losses) == in_step == 1:
-                step_loss = step_losses[0]
-            else:  # the mean over the step's batches (a skipped batch counts as 0, as it adds no gradient)
-                step_loss = torch.stack(step_losses).sum() / in_step if step_losses else torch.zeros((), device=device)
-            used, step_losses = len(step_losses), []
-            counted = used > 0
-            lrs = lr_metrics(optimizer)
-            for name, g in zip(group_names(optimizer), optimizer.param_groups):
-                history.lrs.setdefault(name, []).append(g["lr"])
-            if skip_nonfinite and counted and not scaler.is_enabled() and not _finite_gradients(optimizer):
-                state.skipped += used
-                log.warning("skipped optimizer step %d: its loss was finite, its gradients not (%d skipped so far)",
-                            state.step, state.skipped)
-            elif counted:  # (the grad scaler skips a step with non-finite gradients itself)
-                scaler.step(optimizer)
-                scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            schedule.after_optimizer_step()
-            if ema is not None:
-                ema.update()
-            pending.append((state.step, lrs, step_loss, counted))
-            state.step += 1
-            state.batch = i + 1
-            bar.update()
-            if len(pending) >= log_every or (check_every == 1 and not math.isfinite(pending[-1][2].item())):
-                drain()
-            stop = dist.any(stop_requested())
-            if stop or (save_every_n_steps and state.step % save_every_n_steps == 0):
-                drain()
-                checkpoint()
-                if stop:
-                    bar.close()
-                    raise Interrupted(f"stopped after optimizer step {state.step - 1} (epoch {epoch + 1})")
-        drain(send=False)  # one store write per epoch end: the steps go with the epoch's metrics
-        bar.close()
-        total_loss, total_correct, total_seen = _all_processes(dist, tally.loss_sum, tally.correct, tally.seen, device)
-        if skip_nonfinite and not total_seen:
+            self._optimizer_step(step_losses, i)
+            step_losses = []
+        self._drain(epoch_end=True)  # one store write per epoch end: the steps go with the epoch's metrics
+
+    def _forward_backward(self, x, y, i: int, step_losses: list[torch.Tensor]) -> None:
+        """One batch: forward, loss, backward (scaled for accumulation); a non-finite loss is skipped
+        when `skip_nonfinite` is on, else left for the next read of the losses to report."""
+        o, state = self.options, self.state
+        x, y = x.to(o.device, non_blocking=True), y.to(o.device, non_blocking=True)
+        in_step = min(o.accumulate, self.batches - (i // o.accumulate) * o.accumulate)
+        loss, full, logits = training_loss(self.model, x, y, self.loss_fn, o.device, o.precision, o.channels_last)
+        if o.skip_nonfinite and not torch.isfinite(full):
+            state.skipped += 1
+            log.warning("skipped a batch with a non-finite loss at optimizer step %d (%d skipped so far)", state.step, state.skipped)
+            return
+        self.scaler.scale(full if in_step == 1 else full / in_step).backward()
+        step_losses.append(loss.detach())
+        self._tally.add(step_losses[-1], logits.detach(), y)
+
+    def _optimizer_step(self, step_losses: list[torch.Tensor], i: int) -> None:
+        o, state, optimizer = self.options, self.state, self.optimizer
+        in_step = min(o.accumulate, self.batches - (i // o.accumulate) * o.accumulate)
+        if len(step_losses) == in_step == 1:
+            step_loss = step_losses[0]
+        else:  # the mean over the step's batches (a skipped batch counts as 0, as it adds no gradient)
+            step_loss = torch.stack(step_losses).sum() / in_step if step_losses else torch.zeros((), device=o.device)
+        counted = bool(step_losses)
+        lrs = lr_metrics(optimizer)
+        for name, g in zip(group_names(optimizer), optimizer.param_groups):
+            state.history.lrs.setdefault(name, []).append(g["lr"])
+        if o.skip_nonfinite and counted and not self.scaler.is_enabled() and not _finite_gradients(optimizer):
+            state.skipped += len(step_losses)
+            log.warning("skipped optimizer step %d: its loss was finite, its gradients not (%d skipped so far)", state.step, state.skipped)
+        elif counted:  # (the grad scaler skips a step with non-finite gradients itself)
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        self.schedule.after_optimizer_step()
+        self._pending.append((state.step, lrs, step_loss, counted))
+        state.step += 1
+        state.batch = i + 1
+        self.callbacks.on_optimizer_step(self)
+        check_now = o.device.type == "cpu" and not o.dist.enabled and not math.isfinite(step_loss.item())  # a NaN stops at once on the CPU
+        if len(self._pending) >= o.log_every or check_now:
+            self._drain()
+        if self.interrupt or self._checkpoint_asked:
+            self._checkpoint(is_best=False)
+            if self.interrupt:
+                raise Interrupted(self.interrupt)
+
+    def _drain(self, epoch_end: bool = False) -> None:
+        """Read the pending step losses once, check them, and hand them to `on_train_metrics`."""
+        self._tally.fold()
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        stacked = torch.stack([loss for _, _, loss, _ in pending])
+        dist = self.options.dist
+        losses = (dist.sum(stacked) / dist.world_size if dist.enabled else stacked).tolist()
+        rows = []
+        for (s, lrs, _, counted), value in zip(pending, losses):
+            if counted and not math.isfinite(value):
+                self.callbacks.on_train_metrics(self, rows, False)  # the steps before it are kept
+                raise NonFiniteLossError(
+                    f"the training loss is {value} at optimizer step {s} (epoch {self.state.epoch + 1}, lr {lrs['lr']:.6g}); "
+                    "lower optimizer.lr, add warmup (scheduler.warmup_epochs), or skip such batches with trainer.skip_nonfinite=true"
+                )
+            # every batch of a step skipped (trainer.skip_nonfinite): it has no loss
+            rows.append((s, {**lrs, "train/loss": value} if counted else lrs))
+        self.callbacks.on_train_metrics(self, rows, epoch_end)
+
+    def _sync_state(self) -> None:
+        """Fold the epoch's sums into `state` (in a data-parallel run the sums of all processes:
+        rank 0 saves them, the others restart from zero)."""
+        self._tally.fold()
+        total_loss, total_correct, total_seen = _all_processes(self.options.dist, self._tally.loss_sum, self._tally.correct,
+                                                               self._tally.seen, self.options.device)
+        self.state.loss_sum, self.state.correct, self.state.seen = total_loss.item(), int(total_correct.item()), total_seen
+
+    def _checkpoint(self, is_best: bool) -> None:
+        self._drain()
+        self._sync_state()
+        self._checkpoint_asked = False
+        self.callbacks.on_checkpoint(self, is_best)
+
+    def _end_epoch(self, epoch: int) -> None:
+        """The epoch's training metrics and validation, the schedule's epoch step, its record, the
+        callbacks' turn, and the checkpoint."""
+        o, state = self.options, self.state
+        total_loss, total_correct, total_seen = _all_processes(o.dist, self._tally.loss_sum, self._tally.correct, self._tally.seen, o.device)
+        if o.skip_nonfinite and not total_seen:
             raise NonFiniteLossError(
                 f"every batch of epoch {epoch + 1} had a non-finite loss ({state.skipped} skipped so far, trainer.skip_nonfinite=true): "
                 "the weights have diverged; lower optimizer.lr or add warmup (scheduler.warmup_epochs)"
             )
         metrics = {"train/loss": (total_loss / max(total_seen, 1)).item(), "train/acc": total_correct.item() / max(total_seen, 1)}
-        metrics.update(evaluate(eval_model, val_loader, loss_fn, device, precision, channels_last, dist))
-        if ema is not None:
-            averaged = evaluate(ema.module, val_loader, loss_fn, device, precision, channels_last, dist)
-            metrics.update({f"{key}_ema": value for key, value in averaged.items()})
-        schedule.after_epoch(metrics)
-        epoch_metrics = {key: value for key, value in metrics.items() if key != "train/loss"}
-        epoch_metrics["trainable_params"] = float(trainable_params())
-        if skip_nonfinite:
-            epoch_metrics["train/skipped_batches"] = float(state.skipped)
-        logger.log_metrics(epoch_metrics, step=epoch)
-        logger.flush()
-        history.epochs.append({"epoch": epoch, **metrics, "trainable_params": trainable_params(), "seconds": time.perf_counter() - started})
-        log.info(
-            "epoch %d/%d  train/loss %.4f  train/acc %.4f  val/loss %.4f  val/acc %.4f%s  lr %.4g  %.1fs",
-            epoch + 1, max_epochs, metrics["train/loss"], metrics["train/acc"], metrics["val/loss"], metrics["val/acc"],
-            f"  val/acc_ema {metrics['val/acc_ema']:.4f}" if ema is not None else "",
-            optimizer.param_groups[0]["lr"], time.perf_counter() - started,
-        )
-        is_best = improved(metrics[monitor], state.best, monitor)
+        metrics.update(self.validate(self.evaluated))
+        self.callbacks.on_validation_end(self, metrics)
+        self.schedule.after_epoch(metrics)
+        seconds = time.perf_counter() - self._epoch_started
+        state.history.epochs.append({"epoch": epoch, **metrics, "seconds": seconds})
+        _log_epoch(epoch, o.max_epochs, metrics, self.optimizer, seconds)
+        is_best = improved(metrics[o.monitor], state.best, o.monitor)
         if is_best:
-            state.best = metrics[monitor]
-        state.epoch, state.batch = epoch + 1, 0
-        state.stop_reason = early_stopping.update(metrics, epoch) if early_stopping else None
-        tally = _Tally(0.0, 0, 0, device)
-        checkpoint(is_best)
-        if state.stop_reason:
-            log.info("Early stopping: %s", state.stop_reason)
-            break
-        if dist.any(stop_requested()):
-            raise Interrupted(f"stopped after epoch {epoch + 1}")
-    return state
+            state.best = metrics[o.monitor]
+        state.epoch, state.batch, state.stop_reason = epoch + 1, 0, None
+        self.callbacks.on_epoch_end(self, epoch, metrics)
+        self._tally = _Tally(0.0, 0, 0, o.device)
+        self._checkpoint(is_best)
+
+
+def _log_epoch(epoch: int, max_epochs: int, metrics: Mapping[str, float], optimizer, seconds: float) -> None:
+    ema = f"  val/acc_ema {metrics['val/acc_ema']:.4f}" if "val/acc_ema" in metrics else ""
+    log.info("epoch %d/%d  train/loss %.4f  train/acc %.4f  val/loss %.4f  val/acc %.4f%s  lr %.4g  %.1fs", epoch + 1, max_epochs,
+             metrics["train/loss"], metrics["train/acc"], metrics["val/loss"], metrics["val/acc"], ema, optimizer.param_groups[0]["lr"], seconds)
