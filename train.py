@@ -8,7 +8,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from tunelab import folders  # noqa: E402, F401  (registers ${tunelab.new_folder:...}, the run folders of conf/config.yaml)
-from tunelab.errors import report_errors  # noqa: E402
+from tunelab.cli import report_errors  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -15,7 +15,6 @@ def pyplot():
     return plt
 
 
-_pyplot = pyplot  # the name lr_find.py imports
 
 
 def lr_curves(curves: Mapping[str, Sequence[float]], steps_per_epoch: int | None = None, title: str = "Learning rate",

@@ -49,7 +49,7 @@ def steps_per_epoch(cfg: DictConfig) -> int:
 
 def lr_series(cfg: DictConfig, per_epoch: int) -> list[float]:
     """The lr of parameter group 0 at every optimizer step of the whole run."""
-    from tunelab.run import optimizer_factory
+    from tunelab.optimizers import optimizer_factory
 
     require(cfg.optimizer.lr != "auto", "optimizer.lr=auto is found by the LR range test when training starts; preview with a number (python -m tunelab.lr_find suggests one)")
     optimizer = optimizer_factory(cfg.optimizer)([torch.nn.Parameter(torch.zeros(1))])
