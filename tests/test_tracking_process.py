@@ -15,7 +15,7 @@ import torch
 
 from conftest import ROOT, SMALL, metric_series, mlflow_runs
 from tunelab import tracking
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, ReportedError
 
 
 def children(pid: int) -> list[int]:
@@ -187,14 +187,27 @@ def test_only_a_database_store_is_reached_through_the_helper(monkeypatch):
     assert tracking.helper_store_uri(sqlite) == f"{tracking.HELPER_STORE_SCHEME}:{sqlite}"
     assert tracking.helper_store_uri("postgresql+psycopg2://u@h/db").startswith(f"{tracking.HELPER_STORE_SCHEME}:")
     assert tracking.helper_store_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
-    monkeypatch.setattr(tracking, "_helper_store_registered", lambda: False)
+    monkeypatch.setattr(tracking.plugin, "_helper_store_registered", lambda: False)
     assert tracking.helper_store_uri(sqlite) == sqlite
 
 
+def test_pyproject_registers_the_helper_store_where_it_is():
+    """The MLflow plugin entry names the HelperStore class by the module path helper_store_uri checks
+    for; a stale entry would send every model upload past the helper (`pip install -e .` anew)."""
+    import importlib
+
+    tomllib = pytest.importorskip("tomllib")
+    plugins = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["mlflow.tracking_store"]
+    value = plugins[tracking.HELPER_STORE_SCHEME]
+    module, _, name = value.partition(":")
+    assert getattr(importlib.import_module(module), name) is tracking.HelperStore
+    assert value == f"{tracking.HelperStore.__module__}:{tracking.HelperStore.__qualname__}"
+
+
 def test_the_forwarded_store_reports_a_helper_that_is_gone(monkeypatch):
-    monkeypatch.setattr(tracking, "_helper", None)
+    monkeypatch.setattr(tracking.helper, "_helper", None)
     store = tracking.HelperStore(f"{tracking.HELPER_STORE_SCHEME}:sqlite:///x.db")
-    with pytest.raises(tracking.ReportedError, match="helper process is not running"):
+    with pytest.raises(ReportedError, match="helper process is not running"):
         store.get_run("0" * 32)
     with pytest.raises(AttributeError):
         store._private
@@ -204,7 +217,7 @@ def test_an_error_drawing_the_lr_curve_in_the_helper_is_reported_when_the_run_en
     logger = tracking.mlflow_logger(tracking_uri, "tunelab")
     logger.start({}, {})
     logger.log_lr_curves({"lr": [0.1, 0.05]}, "ten")  # returns at once; the helper fails to draw it
-    with pytest.raises(tracking.ReportedError, match="could not store all"):
+    with pytest.raises(ReportedError, match="could not store all"):
         logger.finish("FINISHED")
     client, (run,) = mlflow_runs(tracking_uri)
     assert run.info.status == "FINISHED" and not client.list_artifacts(run.info.run_id)
