@@ -147,6 +147,28 @@ def test_logging_a_model_leaves_this_process_on_its_configured_store(tracking_ur
 
 
 @pytest.mark.slow
+def test_logging_a_model_leaves_mlflows_own_tracking_uri_setting_as_it_was(tmp_path):
+    """A user who called mlflow.set_tracking_uri before train() keeps that setting, and no
+    MLFLOW_TRACKING_URI appears, while the model goes to the run's own store."""
+    script = (
+        "import os, sys, mlflow, torch\n"
+        "from tunelab import tracking\n"
+        "mlflow.set_tracking_uri(sys.argv[1])\n"
+        "del os.environ['MLFLOW_TRACKING_URI']  # exported by set_tracking_uri; it would win over the logger's URI\n"
+        "logger = tracking.mlflow_logger(sys.argv[2], 'tunelab', in_process=True)\n"
+        "logger.start({}, {})\n"
+        "logger.log_model(torch.nn.Linear(4, 2).eval(), torch.randn(2, 4).numpy())\n"
+        "logger.finish('FINISHED')\n"
+        "print(mlflow.get_tracking_uri(), 'MLFLOW_TRACKING_URI' in os.environ)\n"
+    )
+    users, runs = f"sqlite:///{tmp_path / 'users.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = run_python(script, users, runs, cwd=tmp_path)
+    assert out.strip().splitlines()[-1] == f"{users} False"
+    client, (run,) = mlflow_runs(runs)
+    assert run.info.status == "FINISHED" and client.search_logged_models([run.info.experiment_id])
+
+
+@pytest.mark.slow
 def test_the_model_is_logged_through_the_helpers_open_store(tmp_path, monkeypatch):
     """The training process logs its model without opening the database itself (its SQL layer is
     never imported there), and the model loads back and predicts as it did."""
@@ -202,6 +224,23 @@ def test_pyproject_registers_the_helper_store_where_it_is():
     module, _, name = value.partition(":")
     assert getattr(importlib.import_module(module), name) is tracking.HelperStore
     assert value == f"{tracking.HelperStore.__module__}:{tracking.HelperStore.__qualname__}"
+
+
+def test_mlflow_still_gives_the_store_behind_a_client(tracking_uri):
+    """HelperStore's calls are made on the helper's store, which MLflow gives only by a private name."""
+    import mlflow
+    from mlflow.store.tracking.abstract_store import AbstractStore
+
+    from tunelab.tracking.store import client_store
+
+    client, experiment_id = tracking.open_store(tracking_uri, "tunelab")
+    try:
+        store = client_store(client)
+    except AttributeError as err:
+        pytest.fail(f"MLflow {mlflow.__version__} has no MlflowClient._tracking_client.store any more ({err}): "
+                    "tunelab.tracking.store.client_store must find a client's store another way")
+    assert isinstance(store, AbstractStore), f"MLflow {mlflow.__version__}: a client's store is a {type(store).__name__}"
+    assert store.get_experiment(experiment_id).name == "tunelab"
 
 
 def test_the_forwarded_store_reports_a_helper_that_is_gone(monkeypatch):

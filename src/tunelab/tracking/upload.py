@@ -107,13 +107,8 @@ def log_pytorch_model(uri: str, run_id: str, model, input_example) -> None:
     """
     import mlflow
     import mlflow.pytorch
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    # MLflow's fluent API logs to its process-wide tracking URI, which mlflow.set_tracking_uri also
-    # exports as MLFLOW_TRACKING_URI. Both are put back after: else this process's later runs
-    # (sweep jobs, the helper's next connection) and its user's own MLflow calls would go to this
-    # store, or through the helper to whatever run it serves next.
-    with _environment_kept("MLFLOW_TRACKING_URI"), _use_tracking_uri(uri), PackageScan.used():
+    with _fluent_api_at(uri), PackageScan.used():
         with mlflow.start_run(run_id=run_id):
             requirements = pip_requirements()
             try:
@@ -131,6 +126,31 @@ def log_pytorch_model(uri: str, run_id: str, model, input_example) -> None:
                 if failed is not None and failed.source_run_id == run_id and failed.status == "FAILED":
                     mlflow.MlflowClient().delete_logged_model(failed.model_id)
             mlflow.pytorch.log_model(model, name="model", input_example=input_example, pip_requirements=requirements, serialization_format="pickle")
+
+
+@contextmanager
+def _fluent_api_at(uri: str):
+    """MLflow's fluent API (`mlflow.start_run`, `mlflow.pytorch.log_model`) logs to `uri` within the block.
+
+    It logs to `mlflow.set_tracking_uri`'s setting, else to MLFLOW_TRACKING_URI. Both are as they
+    were after the block: else this process's later runs (sweep jobs, the helper's next connection)
+    and its user's own MLflow calls would go to this store, or through the helper to whatever run it
+    serves next. Setting the environment variable is enough unless this process has called
+    `mlflow.set_tracking_uri` (MLflow then answers another URI), which is then set and set back.
+    """
+    import mlflow
+
+    with _environment_kept("MLFLOW_TRACKING_URI"):  # mlflow.set_tracking_uri exports it too
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+        previous = mlflow.get_tracking_uri()
+        if previous == uri:
+            yield
+            return
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(previous)
 
 
 @contextmanager
