@@ -366,7 +366,7 @@ def test_logging_errors_are_retried_then_reported_and_the_checkpoint_stays(small
         return original(self, run_id, metrics=metrics, params=params, tags=tags)
 
     monkeypatch.setattr(MlflowClient, "log_batch", flaky)
-    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    monkeypatch.setattr(tracking.logger.time, "sleep", lambda s: None)
     with pytest.raises(ReportedError, match="could not store all of run"):  # in process, so the patch applies
         run.train(small_cfg(f"trainer.checkpoint_dir={tmp_path}", "logger.in_process=true"))
     assert calls["n"] >= 4  # each batch tried 1 + 3 times
@@ -384,9 +384,9 @@ def test_sender_retries_then_delivers_everything(monkeypatch):
                 raise ConnectionError("blip")
             self.got.extend(metrics)
 
-    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    monkeypatch.setattr(tracking.logger.time, "sleep", lambda s: None)
     client = Client()
-    sender = tracking._BatchSender(client, "run", retries=3)
+    sender = tracking.logger._BatchSender(client, "run", retries=3)
     sender.start()
     for i in range(5):
         sender.queue.put([i])

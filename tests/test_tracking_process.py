@@ -15,7 +15,7 @@ import torch
 
 from conftest import ROOT, SMALL, metric_series, mlflow_runs
 from tunelab import tracking
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, ReportedError
 
 
 def children(pid: int) -> list[int]:
@@ -147,6 +147,28 @@ def test_logging_a_model_leaves_this_process_on_its_configured_store(tracking_ur
 
 
 @pytest.mark.slow
+def test_logging_a_model_leaves_mlflows_own_tracking_uri_setting_as_it_was(tmp_path):
+    """A user who called mlflow.set_tracking_uri before train() keeps that setting, and no
+    MLFLOW_TRACKING_URI appears, while the model goes to the run's own store."""
+    script = (
+        "import os, sys, mlflow, torch\n"
+        "from tunelab import tracking\n"
+        "mlflow.set_tracking_uri(sys.argv[1])\n"
+        "del os.environ['MLFLOW_TRACKING_URI']  # exported by set_tracking_uri; it would win over the logger's URI\n"
+        "logger = tracking.mlflow_logger(sys.argv[2], 'tunelab', in_process=True)\n"
+        "logger.start({}, {})\n"
+        "logger.log_model(torch.nn.Linear(4, 2).eval(), torch.randn(2, 4).numpy())\n"
+        "logger.finish('FINISHED')\n"
+        "print(mlflow.get_tracking_uri(), 'MLFLOW_TRACKING_URI' in os.environ)\n"
+    )
+    users, runs = f"sqlite:///{tmp_path / 'users.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = run_python(script, users, runs, cwd=tmp_path)
+    assert out.strip().splitlines()[-1] == f"{users} False"
+    client, (run,) = mlflow_runs(runs)
+    assert run.info.status == "FINISHED" and client.search_logged_models([run.info.experiment_id])
+
+
+@pytest.mark.slow
 def test_the_model_is_logged_through_the_helpers_open_store(tmp_path, monkeypatch):
     """The training process logs its model without opening the database itself (its SQL layer is
     never imported there), and the model loads back and predicts as it did."""
@@ -187,14 +209,44 @@ def test_only_a_database_store_is_reached_through_the_helper(monkeypatch):
     assert tracking.helper_store_uri(sqlite) == f"{tracking.HELPER_STORE_SCHEME}:{sqlite}"
     assert tracking.helper_store_uri("postgresql+psycopg2://u@h/db").startswith(f"{tracking.HELPER_STORE_SCHEME}:")
     assert tracking.helper_store_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
-    monkeypatch.setattr(tracking, "_helper_store_registered", lambda: False)
+    monkeypatch.setattr(tracking.plugin, "_helper_store_registered", lambda: False)
     assert tracking.helper_store_uri(sqlite) == sqlite
 
 
+def test_pyproject_registers_the_helper_store_where_it_is():
+    """The MLflow plugin entry names the HelperStore class by the module path helper_store_uri checks
+    for; a stale entry would send every model upload past the helper (`pip install -e .` anew)."""
+    import importlib
+
+    tomllib = pytest.importorskip("tomllib")
+    plugins = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["mlflow.tracking_store"]
+    value = plugins[tracking.HELPER_STORE_SCHEME]
+    module, _, name = value.partition(":")
+    assert getattr(importlib.import_module(module), name) is tracking.HelperStore
+    assert value == f"{tracking.HelperStore.__module__}:{tracking.HelperStore.__qualname__}"
+
+
+def test_mlflow_still_gives_the_store_behind_a_client(tracking_uri):
+    """HelperStore's calls are made on the helper's store, which MLflow gives only by a private name."""
+    import mlflow
+    from mlflow.store.tracking.abstract_store import AbstractStore
+
+    from tunelab.tracking.store import client_store
+
+    client, experiment_id = tracking.open_store(tracking_uri, "tunelab")
+    try:
+        store = client_store(client)
+    except AttributeError as err:
+        pytest.fail(f"MLflow {mlflow.__version__} has no MlflowClient._tracking_client.store any more ({err}): "
+                    "tunelab.tracking.store.client_store must find a client's store another way")
+    assert isinstance(store, AbstractStore), f"MLflow {mlflow.__version__}: a client's store is a {type(store).__name__}"
+    assert store.get_experiment(experiment_id).name == "tunelab"
+
+
 def test_the_forwarded_store_reports_a_helper_that_is_gone(monkeypatch):
-    monkeypatch.setattr(tracking, "_helper", None)
+    monkeypatch.setattr(tracking.helper, "_helper", None)
     store = tracking.HelperStore(f"{tracking.HELPER_STORE_SCHEME}:sqlite:///x.db")
-    with pytest.raises(tracking.ReportedError, match="helper process is not running"):
+    with pytest.raises(ReportedError, match="helper process is not running"):
         store.get_run("0" * 32)
     with pytest.raises(AttributeError):
         store._private
@@ -204,7 +256,7 @@ def test_an_error_drawing_the_lr_curve_in_the_helper_is_reported_when_the_run_en
     logger = tracking.mlflow_logger(tracking_uri, "tunelab")
     logger.start({}, {})
     logger.log_lr_curves({"lr": [0.1, 0.05]}, "ten")  # returns at once; the helper fails to draw it
-    with pytest.raises(tracking.ReportedError, match="could not store all"):
+    with pytest.raises(ReportedError, match="could not store all"):
         logger.finish("FINISHED")
     client, (run,) = mlflow_runs(tracking_uri)
     assert run.info.status == "FINISHED" and not client.list_artifacts(run.info.run_id)
