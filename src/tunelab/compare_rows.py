@@ -6,10 +6,7 @@ import math
 from fnmatch import fnmatchcase
 
 from tunelab.compare_stats import METRIC, Row
-from tunelab.tracking import GROUPS, KIND_TAG
-
-#: The tag of a sweep's parent run; sweep.py sets it with this same name.
-SWEEP_TAG = "tunelab.sweep"
+from tunelab.tracking.tags import ERROR_TAG, GROUPS, KIND_TAG, SWEEP_TAG
 #: Override keys (fnmatch patterns) that do not change what is learnt: display, logging and
 #: checkpoints, where the run runs, and the optimizer's kernel (fused or foreach: the same update
 #: rule). They never make a configuration and never appear in its name.
@@ -81,7 +78,7 @@ def _row(client, run) -> Row:
         best_loss=min(losses) if losses else math.nan,
         epochs=len(curve),
         seconds=(end - run.info.start_time) / 1000 if run.info.start_time else math.nan,
-        error=run.data.tags.get("tunelab.error", ""),
+        error=run.data.tags.get(ERROR_TAG, ""),
         curve=curve,
         lrs=lrs,
         settings={**run.data.params, **{g: run.data.tags[g] for g in GROUPS if g in run.data.tags}},

@@ -33,7 +33,8 @@ from tunelab.loop import History, Interrupted, LoopOptions, LoopState, fit
 from tunelab.optimizers import optimizer_factory
 from tunelab.prepare import Prepared, prepare
 from tunelab.schedules import build_schedule
-from tunelab.tracking import GROUPS, NullLogger, flatten
+from tunelab.tracking import NullLogger, flatten
+from tunelab.tracking.tags import run_tags
 
 log = logging.getLogger(__name__)
 
@@ -308,30 +309,6 @@ def resolved_params(cfg: DictConfig, prepared: Prepared, training: Training, dis
         "optimizer": {"lr": training.lr},
     }
     return flatten(values, RESOLVED_PREFIX)
-
-
-def run_tags(cfg: DictConfig) -> dict[str, str]:
-    """The chosen option of each group, the command-line overrides and, in a sweep, the parent run."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from tunelab.sweep import JOB_DIR_TAG, parent_run_id
-    from tunelab.tracking import PARENT_RUN_TAG
-
-    if not HydraConfig.initialized():
-        return {}
-    hydra = HydraConfig.get()
-    tags = {g: str(hydra.runtime.choices.get(g)) for g in GROUPS if g in hydra.runtime.choices}
-    tags["overrides"] = " ".join(hydra.overrides.task) or "(none)"
-    if hydra.runtime.get("output_dir"):
-        tags[JOB_DIR_TAG] = str(hydra.runtime.output_dir)
-    # A readable name of our own: MLflow's random names repeat, since the seed fixes Python's RNG
-    picked = " ".join(f"{g}={tags[g]}" for g in ("model", "scheduler", "freeze") if g in tags)
-    tags["mlflow.runName"] = (" ".join(hydra.overrides.task) or picked)[:250]
-    parent = parent_run_id()
-    if parent:
-        tags[PARENT_RUN_TAG] = parent
-        tags["tunelab.job"] = str(hydra.job.get("num", ""))
-    return tags
 
 
 def resume_command(run_dir: Path, processes: int = 1) -> str:

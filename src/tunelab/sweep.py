@@ -27,19 +27,14 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from tunelab import folders  # noqa: F401  (a job in a worker process, joblib's or submitit's, resolves the sweep folder)
+from tunelab.tracking.store import open_store, resolve_tracking_uri
+from tunelab.tracking.tags import ERROR_TAG, JOB_DIR_TAG, PARENT_ENV, PARENT_FILE, SWEEP_TAG, parent_run_id, process_tags, run_tags
 
 log = logging.getLogger(__name__)
 
-PARENT_ENV = "TUNELAB_PARENT_RUN_ID"
-PARENT_FILE = "parent_run_id"
-SWEEP_TAG = "tunelab.sweep"
-ERROR_TAG = "tunelab.error"
-JOB_DIR_TAG = "tunelab.job_dir"
 
 
 def _client_and_experiment(logger_cfg: DictConfig):
-    from tunelab.tracking import open_store, resolve_tracking_uri
-
     uri = resolve_tracking_uri(logger_cfg.get("tracking_uri"))
     client, experiment_id = open_store(uri, logger_cfg.experiment_name)
     return client, experiment_id, uri
@@ -47,27 +42,6 @@ def _client_and_experiment(logger_cfg: DictConfig):
 
 def _tracking_on(cfg: DictConfig) -> bool:
     return "experiment_name" in cfg.get("logger", {})
-
-
-def parent_run_id() -> str | None:
-    """The id of the sweep's parent run, for a job of a multirun; None outside a sweep."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return None
-    if os.environ.get(PARENT_ENV):
-        return os.environ[PARENT_ENV]
-    marker = _sweep_folder(HydraConfig.get()) / PARENT_FILE
-    return marker.read_text().strip() if marker.is_file() else None
-
-
-def _sweep_folder(hydra_cfg: DictConfig) -> Path:
-    """The sweep folder of a job: its absolute output folder less the `hydra.sweep.subdir` part
-    (which may span several levels, e.g. an override_dirname holding a path)."""
-    job_dir = Path(str(hydra_cfg.runtime.output_dir))
-    levels = len(Path(str(hydra_cfg.sweep.subdir)).parts)
-    return job_dir.parents[levels - 1] if levels else job_dir
 
 
 #: Signals that end the launching process (the parent run then ends KILLED) where they would
@@ -100,8 +74,6 @@ class MlflowSweepCallback(Callback):
         self._signals: list[int] = []
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from tunelab.tracking import process_tags
-
         if not _tracking_on(config):
             return
         sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -161,8 +133,6 @@ def job_failed(cfg: DictConfig, error: BaseException) -> None:
     """Record a failed sweep job in MLflow: its child run (made FAILED here if the job failed
     before it could start one) carries the error as the tag `tunelab.error`."""
     from hydra.core.hydra_config import HydraConfig
-
-    from tunelab.run import run_tags
 
     global _failed
     _failed += 1

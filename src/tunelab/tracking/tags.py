@@ -7,6 +7,8 @@ import logging
 import os
 from pathlib import Path
 
+from omegaconf import DictConfig
+
 log = logging.getLogger(__name__)
 
 #: Tag MLflow's UI reads to group child runs (a sweep's jobs) under a parent run.
@@ -15,6 +17,15 @@ PARENT_RUN_TAG = "mlflow.parentRunId"
 GROUPS = ("model", "scheduler", "optimizer", "freeze", "data", "trainer", "logger")
 #: Tag of the runs that are not trainings (`lr_find` for an LR range test); comparisons skip them.
 KIND_TAG = "tunelab.kind"
+#: Tag of a sweep's parent run ("true").
+SWEEP_TAG = "tunelab.sweep"
+#: Tag of a failed run (a sweep's job): its error in one line.
+ERROR_TAG = "tunelab.error"
+#: Tag of a run: the folder it ran in (checkpoints, log).
+JOB_DIR_TAG = "tunelab.job_dir"
+#: How a sweep's jobs learn their parent run: this environment variable, else this file in the sweep folder.
+PARENT_ENV = "TUNELAB_PARENT_RUN_ID"
+PARENT_FILE = "parent_run_id"
 #: The process that trains: this one, or the one a helper process works for (`work_for`).
 _training_pid = os.getpid()
 
@@ -96,3 +107,45 @@ def installed(package: str) -> tuple[str, str] | None:
         except PackageNotFoundError:
             continue
     return None
+
+
+def run_tags(cfg: DictConfig) -> dict[str, str]:
+    """The chosen option of each group, the command-line overrides and, in a sweep, the parent run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    hydra = HydraConfig.get()
+    tags = {g: str(hydra.runtime.choices.get(g)) for g in GROUPS if g in hydra.runtime.choices}
+    tags["overrides"] = " ".join(hydra.overrides.task) or "(none)"
+    if hydra.runtime.get("output_dir"):
+        tags[JOB_DIR_TAG] = str(hydra.runtime.output_dir)
+    # A readable name of our own: MLflow's random names repeat, since the seed fixes Python's RNG
+    picked = " ".join(f"{g}={tags[g]}" for g in ("model", "scheduler", "freeze") if g in tags)
+    tags["mlflow.runName"] = (" ".join(hydra.overrides.task) or picked)[:250]
+    parent = parent_run_id()
+    if parent:
+        tags[PARENT_RUN_TAG] = parent
+        tags["tunelab.job"] = str(hydra.job.get("num", ""))
+    return tags
+
+
+def parent_run_id() -> str | None:
+    """The id of the sweep's parent run, for a job of a multirun; None outside a sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    if os.environ.get(PARENT_ENV):
+        return os.environ[PARENT_ENV]
+    marker = _sweep_folder(HydraConfig.get()) / PARENT_FILE
+    return marker.read_text().strip() if marker.is_file() else None
+
+
+def _sweep_folder(hydra_cfg: DictConfig) -> Path:
+    """The sweep folder of a job: its absolute output folder less the `hydra.sweep.subdir` part
+    (which may span several levels, e.g. an override_dirname holding a path)."""
+    job_dir = Path(str(hydra_cfg.runtime.output_dir))
+    levels = len(Path(str(hydra_cfg.sweep.subdir)).parts)
+    return job_dir.parents[levels - 1] if levels else job_dir
