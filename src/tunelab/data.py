@@ -35,6 +35,7 @@ class Splits:
     train: Dataset
     val: Dataset
     classes: list[str]
+    test: Dataset | None = None
 
 
 def _normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

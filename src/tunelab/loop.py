@@ -21,6 +21,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from tunelab.metrics import confusion, lower_is_better, summary
 from tunelab.callbacks.base import Callback, CallbackList
 from tunelab.distributed import SINGLE, Context, unwrap
 from tunelab.errors import ReportedError
@@ -46,7 +47,7 @@ class History:
         values = [e[monitor] for e in self.epochs if monitor in e]
         if not values:
             return math.nan
-        return min(values) if monitor.endswith("loss") else max(values)
+        return min(values) if lower_is_better(monitor) else max(values)
 
 
 @dataclass
@@ -89,7 +90,7 @@ class Interrupted(BaseException):
 def improved(value: float, best: float | None, monitor: str) -> bool:
     if best is None:
         return True
-    return value < best if monitor.endswith("loss") else value > best
+    return value < best if lower_is_better(monitor) else value > best
 
 
 def group_names(optimizer: torch.optim.Optimizer) -> list[str]:
@@ -174,9 +175,18 @@ def _all_processes(dist: Context, loss_sum: torch.Tensor, correct: torch.Tensor,
     return sums[0], sums[1], int(sums[2].item())
 
 
+def forward_logits(model: nn.Module, x: torch.Tensor, device: torch.device, precision: str = "32", channels_last: bool = False) -> torch.Tensor:
+    """The main head's logits for a batch already on `device`, as evaluation computes them."""
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with _autocast(device, precision):
+        return _split_outputs(model(x))[0]
+
+
 def evaluate(model: nn.Module, loader, loss_fn, device: torch.device, precision: str = "32", channels_last: bool = False,
              dist: Context = SINGLE) -> dict[str, float]:
-    """Mean loss and accuracy over `loader`, in eval mode under `torch.inference_mode()`.
+    """`val/loss`, `val/acc`, `val/balanced_acc` and `val/macro_f1` over `loader`, in eval mode under
+    `torch.inference_mode()` (the last two from a confusion matrix counted on the device).
 
     In a data-parallel run each process evaluates its shard and the sums are added up, so every
     process returns the metrics of the whole validation set.
@@ -184,20 +194,23 @@ def evaluate(model: nn.Module, loader, loss_fn, device: torch.device, precision:
     was_training = model.training
     model.eval()
     total_loss = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
-    with torch.inference_mode(), _autocast(device, precision):
+    matrix = None
+    with torch.inference_mode():
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            logits, _ = _split_outputs(model(x))
+            logits = forward_logits(model, x, device, precision, channels_last)
             total_loss += loss_fn(logits.float(), y) * len(y)
-            correct += (logits.argmax(1) == y).sum()
-            seen += len(y)
+            counts = confusion(logits.argmax(1), y, logits.shape[1])
+            matrix = counts if matrix is None else matrix + counts
     model.train(was_training)
-    total_loss, correct, seen = _all_processes(dist, total_loss, correct, seen, device)
-    return {"val/loss": (total_loss / max(seen, 1)).item(), "val/acc": correct.item() / max(seen, 1)}
+    if matrix is None:
+        matrix = torch.zeros((1, 1), dtype=torch.long, device=device)
+    if dist.enabled:
+        total_loss, matrix = dist.sum(total_loss), dist.sum(matrix)
+    found = summary(matrix)
+    seen = max(int(matrix.sum().item()), 1)
+    return {"val/loss": (total_loss / seen).item(), "val/acc": found["acc"], "val/balanced_acc": found["balanced_acc"],
+            "val/macro_f1": found["macro_f1"]}
 
 
 def _finite_gradients(optimizer: torch.optim.Optimizer) -> bool:

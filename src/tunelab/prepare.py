@@ -8,11 +8,11 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from tunelab import data as data_lib
 from tunelab import distributed, freezing, models
-from tunelab.errors import build
+from tunelab.errors import build, require
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,10 @@ class Prepared:
     fit_val: object
     loss_fn: torch.nn.Module
     image_size: int
+    #: The held-out test batches (None when the data has no test split): built, never read before training ends.
+    test_loader: object = None
+    mean: tuple = ()
+    std: tuple = ()
 
 
 def prepare(cfg: DictConfig, device: torch.device, dist: distributed.Context = distributed.SINGLE) -> Prepared:
@@ -62,7 +66,11 @@ def prepare(cfg: DictConfig, device: torch.device, dist: distributed.Context = d
         )
 
     train_loader, val_loader = loaders(splits.train, splits.val)
-    log.info("Data: %d train / %d val images, %d classes, %dx%d px", len(splits.train), len(splits.val), len(splits.classes), image_size, image_size)
+    test = splits.test
+    test_loader = data_lib.make_loader(data_lib.to_device(test, device), cfg.data.batch_size, False, cfg.seed, cfg.data.num_workers,
+                                       pin_memory=device.type == "cuda") if test is not None else None
+    log.info("Data: %d train / %d val / %s test images, %d classes, %dx%d px", len(splits.train), len(splits.val),
+             len(test) if test is not None else "no", len(splits.classes), image_size, image_size)
 
     log.info("Instantiating model <%s> (%s)", cfg.model._target_, cfg.model.name)
     model = build(cfg.model, "model", num_classes=len(splits.classes))
@@ -71,8 +79,7 @@ def prepare(cfg: DictConfig, device: torch.device, dist: distributed.Context = d
     model.to(device)
     if cfg.trainer.channels_last:
         model.to(memory_format=torch.channels_last)
-    log.info("Instantiating loss <%s>", cfg.loss._target_)
-    loss_fn = build(cfg.loss, "loss")
+    loss_fn = _loss(cfg.loss, splits, device)
 
     trained, fit_train, fit_val = model, train_loader, val_loader
     if cfg.freeze.cache_features:
@@ -83,7 +90,21 @@ def prepare(cfg: DictConfig, device: torch.device, dist: distributed.Context = d
             fit_train, fit_val = loaders(*(freezing.head_inputs(model, ds, device) for ds in (splits.train, splits.val)))
         elif plan.frozen == len(plan.stages) - 1:
             log.info("Features are not cached: %s", blocker)
-    return Prepared(splits, model, plan, trained, fit_train, fit_val, loss_fn, image_size)
+    return Prepared(splits, model, plan, trained, fit_train, fit_val, loss_fn, image_size, test_loader, tuple(spec.mean), tuple(spec.std))
+
+
+def _loss(loss_cfg: DictConfig, splits: data_lib.Splits, device: torch.device) -> torch.nn.Module:
+    """The configured loss; `loss.class_weights=balanced` weighs each class by its inverse frequency
+    in the training split (scikit-learn's "balanced" class weights)."""
+    weights = loss_cfg.get("class_weights")
+    require(weights in (None, "balanced"), f"loss.class_weights={weights} must be balanced or null (every class weighs 1)")
+    node = OmegaConf.create({k: v for k, v in OmegaConf.to_container(loss_cfg, resolve=True).items() if k != "class_weights"})
+    log.info("Instantiating loss <%s>%s", node._target_, " with balanced class weights" if weights else "")
+    if weights is None:
+        return build(node, "loss")
+    weight = data_lib.class_weights(splits.train, len(splits.classes)).to(device)
+    log.info("Class weights: %s", ", ".join(f"{name} {w:.3f}" for name, w in zip(splits.classes, weight.tolist())))
+    return build(node, "loss", weight=weight)
 
 
 def _deterministic(splits, data_cfg: DictConfig) -> bool:

@@ -23,6 +23,7 @@ from tunelab.callbacks.checkpointing import Checkpointing
 from tunelab.callbacks.early_stopping import EarlyStopping
 from tunelab.callbacks.ema import EMA, WeightEMA
 from tunelab.callbacks.freezing import Freezing
+from tunelab.callbacks.held_out_test import HeldOutTest, TestSet
 from tunelab.callbacks.metrics import MetricLogger
 from tunelab.callbacks.progress import ProgressBar
 from tunelab.callbacks.signals import StopFlag, StopSignal, graceful_stop
@@ -169,6 +170,12 @@ def callbacks(run: Run, prepared: Prepared, training: Training) -> list:
     if saver is not None and t.keep_checkpoints == "none" and not run.logger.log_model_enabled:
         log.warning("trainer.keep_checkpoints=none and no model logged to MLflow: a finished run keeps no weights")
     listed.append(Checkpointing(saver, lambda: _checkpoint_contents(run, prepared, training), t.checkpoint_every_n_steps or 0))
+    if t.test and prepared.test_loader is not None and run.dist.is_main:
+        test = TestSet(prepared.model, prepared.trained, prepared.splits.test, prepared.test_loader, prepared.splits.classes,
+                       prepared.mean, prepared.std, run.run_dir)
+        listed.append(HeldOutTest(test, run.logger, cfg.monitor, _find(listed, EMA)))
+    elif t.test:
+        log.warning("No held-out test split in this data: no test score (the README's 'Reading the results' says how to add one)")
     if t.progress and run.dist.is_main:
         listed.append(ProgressBar())
     return listed
@@ -273,7 +280,7 @@ def _fit(run: Run, prepared: Prepared, training: Training, listed: list) -> floa
                 raise SystemExit(128 + stop.signal) from None
             raise
         finally:
-            _end(run, prepared, training, saver, status)
+            _end(run, prepared, training, listed, status)
     if saver is not None:  # the run finished and everything is stored
         checkpoints.drop_after_success(run.run_dir, t.keep_checkpoints)
     best = state.history.best(cfg.monitor)
@@ -281,12 +288,15 @@ def _fit(run: Run, prepared: Prepared, training: Training, listed: list) -> floa
     return best
 
 
-def _end(run: Run, prepared: Prepared, training: Training, saver, status: str) -> None:
+def _end(run: Run, prepared: Prepared, training: Training, listed: list, status: str) -> None:
+    saver = _find(listed, Checkpointing).saver
     try:
         if saver is not None:
             saver.flush()  # what the last epochs of a failing run put off
         if run.dist.is_main:  # those checkpoints are written meanwhile
-            _log_results(run.logger, training.state.history, training.steps_per_epoch, prepared.model if status == "FINISHED" else None, prepared.splits)
+            tested = _find(listed, HeldOutTest)
+            chosen = tested.model if tested is not None and tested.model is not None else prepared.model  # the weights monitor chose
+            _log_results(run.logger, training.state.history, training.steps_per_epoch, chosen if status == "FINISHED" else None, prepared.splits)
     finally:
         try:
             if saver is not None:

@@ -21,6 +21,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LinearLR, ReduceLROnPlateau
 
 from tunelab.errors import ConfigError, build, require
+from tunelab.metrics import lower_is_better
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,8 @@ TUNELAB_KEYS = ("interval", "warmup_epochs", "warmup_start_factor", "monitor")
 #: Param-group entries that hold a learning rate (set by the optimizer and by schedulers).
 _LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
 #: Metrics `monitor` may name (logged once per epoch).
-EPOCH_METRICS = ("val/loss", "val/acc", "train/loss", "train/acc", "val/loss_ema", "val/acc_ema")
+EPOCH_METRICS = ("val/loss", "val/acc", "val/balanced_acc", "val/macro_f1", "train/loss", "train/acc",
+                 "val/loss_ema", "val/acc_ema", "val/balanced_acc_ema", "val/macro_f1_ema")
 
 
 def step_decay(epoch: int, every: int = 30, factor: float = 0.1) -> float:
@@ -203,8 +205,8 @@ def build_schedule(cfg: DictConfig, optimizer: Optimizer, steps_per_epoch: int, 
         require(monitor in EPOCH_METRICS, f"scheduler.monitor={monitor} is never logged; use one of {', '.join(EPOCH_METRICS)}")
         mode = cfg.get("mode", "min")
         require(
-            mode == ("max" if monitor.endswith("acc") else "min"),
-            f"scheduler.mode={mode} does not fit scheduler.monitor={monitor}: use mode=max for an accuracy, min for a loss",
+            mode == ("min" if lower_is_better(monitor) else "max"),
+            f"scheduler.mode={mode} does not fit scheduler.monitor={monitor}: use mode=max for an accuracy or F1, min for a loss",
         )
     total = steps_per_epoch * max_epochs
     w = warmup_steps(warmup_epochs, steps_per_epoch)

@@ -7,6 +7,7 @@ from typing import Mapping
 
 from tunelab.callbacks.base import Callback
 from tunelab.errors import require
+from tunelab.metrics import lower_is_better
 
 
 @dataclass
@@ -33,7 +34,7 @@ class EarlyStopping(Callback):
         require(isinstance(self.min_delta, (int, float)) and self.min_delta >= 0,
                 f"trainer.early_stopping.min_delta={self.min_delta!r} must be a number >= 0")
         if self.mode == "auto":
-            self.mode = "min" if self.monitor.endswith("loss") else "max"
+            self.mode = "min" if lower_is_better(self.monitor) else "max"
 
     def update(self, metrics: Mapping[str, float], epoch: int) -> str | None:
         value = metrics[self.monitor]

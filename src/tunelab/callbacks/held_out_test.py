@@ -1,0 +1,112 @@
+"""The held-out test at the end of a run: the number to report, on images nothing chose on.
+
+Selection and reporting are different sets. The epoch (and `best.pt`), early stopping, `plateau`'s
+cuts and a sweep's winner are chosen on validation; this callback scores the weights that `monitor`
+chose on the test split, once, after the last epoch (`trainer.test=false` turns it off).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from torch import nn
+
+from tunelab import predictions
+from tunelab.callbacks.base import Callback
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TestSet:
+    """What the test needs from the run: the full model, the module whose weights training chose
+    (the model, or its head when the backbone's features were cached), the test split (not read
+    before the end) and how its images were normalized."""
+
+    model: nn.Module
+    chosen: nn.Module
+    dataset: object
+    loader: object
+    classes: Sequence[str]
+    mean: Sequence[float]
+    std: Sequence[float]
+    folder: Path | None = None
+
+
+class HeldOutTest(Callback):
+    """Keeps the weights of each new best epoch by `monitor` (the EMA's when `monitor` is an EMA
+    metric), then scores them at the end of training: `test/acc`, `test/loss`,
+    `test/balanced_acc` and `test/macro_f1` logged once at `step=` the chosen epoch, and the
+    artifacts `per_class.csv` (validation and test), `confusion_matrix.png` and `top_losses.png`
+    (also written to the run folder)."""
+
+    def __init__(self, test: TestSet, logger, monitor: str, ema=None) -> None:
+        self.test, self.logger, self.monitor, self.ema = test, logger, monitor, ema
+        self.best: dict | None = None
+        self.best_epoch = -1
+        self.scores: dict[str, float] = {}
+        #: After training: a copy of the model holding the chosen weights (the one the run logs to MLflow).
+        self.model: nn.Module | None = None
+
+    def on_checkpoint(self, loop, is_best: bool) -> None:
+        if not is_best or loop.state.batch:  # an epoch's end only
+            return
+        source = self.ema.average.module if self.ema is not None and self.monitor.endswith("_ema") else self.test.chosen
+        self.best = {key: value.detach().to("cpu", copy=True) for key, value in source.state_dict().items()}
+        self.best_epoch = loop.state.epoch - 1
+
+    def on_fit_end(self, loop) -> None:
+        if self.best is None:
+            log.warning("No epoch was chosen by %s in this process (a resumed run that had finished): no test score", self.monitor)
+            return
+        model = self.model = copy.deepcopy(self.test.model)
+        chosen = _same_module(model, self.test.model, self.test.chosen)
+        chosen.load_state_dict(self.best)
+        o = loop.options
+        found = {
+            "val": predictions.predict(chosen, loop.val_loader, o.device, o.precision, o.channels_last),
+            "test": predictions.predict(model, self.test.loader, o.device, o.precision, o.channels_last),
+        }
+        self.scores = found["test"].scores(loop.loss_fn, "test")
+        self.logger.log_metrics(self.scores, step=self.best_epoch)
+        self.logger.flush()
+        log.info("Test (epoch %d, chosen by %s): %s", self.best_epoch + 1, self.monitor,
+                 "  ".join(f"{key} {value:.4f}" for key, value in self.scores.items()))
+        self._artifacts(found)
+
+    def _artifacts(self, found: dict) -> None:
+        t, plt = self.test, None
+        table = predictions.per_class_csv(found, t.classes)
+        figures = {
+            "confusion_matrix.png": predictions.confusion_figure(found["test"], t.classes, "Test confusion matrix"),
+            "top_losses.png": predictions.top_losses_figure(found["test"], lambda i: t.dataset[i][0], t.classes, t.mean, t.std,
+                                                             "Test images the model got most confidently wrong"),
+        }
+        from tunelab.plots import pyplot
+
+        plt = pyplot()
+        try:
+            self.logger.log_text(table, "per_class.csv")
+            for name, figure in figures.items():
+                self.logger.log_figure(figure, name)
+            if t.folder is not None:
+                t.folder.mkdir(parents=True, exist_ok=True)
+                (t.folder / "per_class.csv").write_text(table)
+                for name, figure in figures.items():
+                    figure.savefig(t.folder / name, dpi=110)
+                log.info("Per-class results: %s, %s, %s", *(t.folder / n for n in ("per_class.csv", *figures)))
+        finally:
+            for figure in figures.values():
+                plt.close(figure)
+
+
+def _same_module(copied: nn.Module, original: nn.Module, part: nn.Module) -> nn.Module:
+    """The module in `copied` that `part` is in `original` (the whole, or one of its submodules)."""
+    if part is original:
+        return copied
+    name = next(n for n, m in original.named_modules() if m is part)
+    return copied.get_submodule(name)
