@@ -141,7 +141,8 @@ def test_digits_are_read_and_split_without_importing_scikit_learn_once_cached(tm
         imported.append(out.stdout.strip())
     assert imported == ["True", "False"]
     bunch = load_digits()
-    train, _ = train_test_split(np.arange(len(bunch.target)), test_size=0.2, random_state=7, stratify=bunch.target)
+    rest, _ = train_test_split(np.arange(len(bunch.target)), test_size=360, random_state=0, stratify=bunch.target)  # test: split_seed 0
+    train, _ = train_test_split(rest, test_size=360, random_state=7, stratify=bunch.target[rest])  # val: seed 7
     for i in range(2):
         assert np.array_equal(np.load(tmp_path / f"y{i}.npy"), bunch.target[train])
 

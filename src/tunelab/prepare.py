@@ -61,7 +61,7 @@ def prepare(cfg: DictConfig, device: torch.device, dist: distributed.Context = d
         args = dict(batch_size=cfg.data.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
                     rank=dist.rank, world_size=dist.world_size)
         return (
-            data_lib.make_loader(train, shuffle=True, limit_batches=cfg.trainer.limit_train_batches, **args),
+            data_lib.make_loader(train, shuffle=True, sampler=cfg.data.get("sampler"), limit_batches=cfg.trainer.limit_train_batches, **args),
             data_lib.make_loader(val, shuffle=False, limit_batches=cfg.trainer.limit_val_batches, **args),
         )
 
