@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from fnmatch import fnmatchcase
 
-from tunelab.compare_stats import METRIC, Row
+from tunelab.compare_stats import METRIC, TEST_METRIC, Row
 from tunelab.tracking import GROUPS, KIND_TAG
 
 #: The tag of a sweep's parent run; sweep.py sets it with this same name.
@@ -82,6 +82,7 @@ def _row(client, run) -> Row:
         epochs=len(curve),
         seconds=(end - run.info.start_time) / 1000 if run.info.start_time else math.nan,
         error=run.data.tags.get("tunelab.error", ""),
+        test_acc=run.data.metrics.get(TEST_METRIC, math.nan),
         curve=curve,
         lrs=lrs,
         settings={**run.data.params, **{g: run.data.tags[g] for g in GROUPS if g in run.data.tags}},
