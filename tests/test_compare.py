@@ -8,12 +8,13 @@ import time
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+from matplotlib.container import BarContainer
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 from scipy import stats
 
 from conftest import metric_series
-from tunelab import compare
+from tunelab import compare, compare_figure
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +26,13 @@ def store(tmp_path_factory):
     return client, experiment
 
 
-def _sweep(store, runs):
-    """A parent run and one child per (overrides, best val/acc per epoch, status) in `runs`."""
+def _sweep(store, runs, tests=()):
+    """A parent run and one child per (overrides, best val/acc per epoch, status) in `runs`; the i-th child logs
+    test/acc `tests[i]` at its best epoch, as a run does at its end, where `tests` has a number for it."""
     client, experiment = store
     parent = client.create_run(experiment, tags={"tunelab.sweep": "true"}, run_name="sweep").info.run_id
-    for overrides, curve, status in runs:
+    tests = list(tests) + [None] * (len(runs) - len(tests))
+    for (overrides, curve, status), test in zip(runs, tests):
         tags = {"mlflow.parentRunId": parent, "overrides": overrides}
         if status == "FAILED":
             tags["tunelab.error"] = "ValueError: optimizer.lr=-1 must be positive"
@@ -37,6 +40,8 @@ def _sweep(store, runs):
         now = int(time.time() * 1000)
         metrics = [Metric("val/acc", value, now, epoch) for epoch, value in enumerate(curve)]
         metrics += [Metric("lr", 0.1 * 0.5 ** step, now, step) for step in range(6)]
+        if test is not None:
+            metrics.append(Metric("test/acc", test, now, int(np.argmax(curve))))
         client.log_batch(child, metrics=metrics)
         client.set_terminated(child, status)
     client.set_terminated(parent, "FINISHED")
@@ -48,8 +53,8 @@ def _curve(best, final_drop=0.01):
     return [best - 0.2, best, best - final_drop]
 
 
-def _compare(store, runs, tmp_path):
-    client, parent = _sweep(store, runs)
+def _compare(store, runs, tmp_path, tests=()):
+    client, parent = _sweep(store, runs, tests)
     report = compare.compare_runs(client, compare.children(client, parent), tmp_path, parent_id=parent)
     return client, parent, report
 
@@ -320,3 +325,120 @@ def test_settings_that_do_not_change_what_is_learnt_never_make_a_configuration(s
     assert report.swept == []
     assert report.label(report.configs[0]) == "experiment=transfer_finetune model.weights_path=null"
     assert report.summary().startswith("Winner: experiment=transfer_finetune model.weights_path=null  mean best")
+
+
+def _half(values):
+    return stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / np.sqrt(len(values))
+
+
+def test_the_test_accuracy_is_reported_beside_the_validation_and_never_ranked_on(store, tmp_path):
+    # step has the best test/acc but the worst val/acc: it stays last; onecycle's third run logged no test/acc
+    tests = {"cosine": [0.94, 0.945, 0.93], "onecycle": [0.95, 0.89], "step": [0.96, 0.97, 0.965]}
+    runs, logged = [], []
+    for name, bests in (("step", STEP), ("cosine", COSINE), ("onecycle", ONECYCLE)):
+        for seed, best in zip(SEEDS, bests):
+            runs.append((f"scheduler={name} seed={seed}", _curve(best), "FINISHED"))
+            logged.append(tests[name][seed] if seed < len(tests[name]) else None)
+    client, parent, report = _compare(store, runs, tmp_path, tests=logged)
+
+    table = _read(tmp_path / "comparison.csv")
+    assert [row["scheduler"] for row in table] == ["cosine", "onecycle", "step"]
+    for row in table:  # against the children's test/acc and val/acc, read back from MLflow
+        children = [client.get_run(run_id) for run_id in row["run_ids"].split()]
+        tested = [child for child in children if "test/acc" in child.data.metrics]
+        values = [child.data.metrics["test/acc"] for child in tested]
+        assert values == pytest.approx(tests[row["scheduler"]]) and int(row["test/acc n"]) == len(values)
+        for stat, value in _expected(values).items():
+            assert float(row[f"test/acc {stat}"]) == pytest.approx(value, abs=1e-6), (row["scheduler"], stat)
+        bests = [max(v for _, v in metric_series(client, child.info.run_id, "val/acc")) for child in tested]
+        assert float(row["optimism"]) == pytest.approx(np.mean(np.array(bests) - np.array(values)), abs=1e-6)
+
+    per_run = _read(tmp_path / "comparison_runs.csv")
+    untested = [row for row in per_run if row["scheduler"] == "onecycle" and row["seed"] == "2"]
+    assert len(untested) == 1 and (untested[0]["test/acc"], untested[0]["optimism"]) == ("", "")
+    first = next(row for row in per_run if row["scheduler"] == "step" and row["seed"] == "0")
+    assert float(first["test/acc"]) == pytest.approx(0.96)
+    assert float(first["optimism"]) == pytest.approx(STEP[0] - 0.96, abs=1e-4)
+
+    line = report.summary().splitlines()[0]
+    cosine = tests["cosine"]
+    assert line.startswith("Winner: scheduler=cosine  mean best val/acc 0.9550 ± ")
+    assert f"(95 % CI, n=3) on val; {np.mean(cosine):.4f} ± {_half(cosine):.4f} on test; " in line
+    assert client.get_run(parent).data.metrics["test/acc"] == pytest.approx(np.mean(cosine))
+    markdown = (tmp_path / "comparison.md").read_text()
+    assert "| test/acc (mean ± 95 % CI) |" in markdown and "optimism" in markdown
+    assert f"{np.mean(tests['onecycle']):.4f} ± {_half(tests['onecycle']):.4f}" in markdown and "(n=2)" in markdown
+
+
+def test_runs_without_a_test_accuracy_leave_it_blank(store, tmp_path):
+    """trainer.test=false, or runs from before the test split: the comparison is as before, the test columns blank."""
+    runs = [(f"scheduler={name} seed={seed}", _curve(best), "FINISHED")
+            for name, bests in (("step", STEP), ("cosine", COSINE)) for seed, best in zip(SEEDS, bests)]
+    client, parent, report = _compare(store, runs, tmp_path)
+    table = _read(tmp_path / "comparison.csv")
+    assert all(row[f"test/acc {s}"] == "" for row in table for s in ("n", "mean", "sd", "ci_low", "ci_high"))
+    assert all(row["optimism"] == "" for row in table)
+    assert all((row["test/acc"], row["optimism"]) == ("", "") for row in _read(tmp_path / "comparison_runs.csv"))
+    assert "on val; no test/acc logged; distinguishable from scheduler=step" in report.summary()
+    metrics = client.get_run(parent).data.metrics
+    assert "test/acc" not in metrics and metrics["best_val/acc"] == pytest.approx(np.mean(COSINE))
+
+
+#: ./multirun.sh's best val/acc with one seed (README): 5 schedulers x 4 freeze depths.
+SHOWCASE = {"cosine": (0.978, 0.983, 0.981, 0.892), "cosine_restarts": (0.972, 0.969, 0.975, 0.878),
+            "onecycle": (0.986, 0.975, 0.983, 0.883), "plateau": (0.9855, 0.978, 0.961, 0.906),
+            "step": (0.9775, 0.978, 0.969, 0.892)}
+
+
+def _showcase(seeds=(), repeated=()):
+    """The showcase sweep's runs, over `seeds` for the schedulers in `repeated` (one run, no seed, for the others), and
+    their test/acc: 0.012 + 0.002 x depth below the best val/acc."""
+    runs, tests = [], []
+    for name, bests in SHOWCASE.items():
+        for depth, best in zip(("0", "2", "4", "-1"), bests):
+            for seed in seeds if name in repeated else (None,):
+                shift = 0.004 * (seed - 1) if seed is not None else 0.0
+                runs.append((f"scheduler={name} freeze.depth={depth}" + (f" seed={seed}" if seed is not None else ""),
+                             _curve(best - shift), "FINISHED"))
+                tests.append(best - shift - 0.012 - 0.002 * int(depth))
+    return runs, tests
+
+
+def test_one_run_per_configuration_says_nothing_can_be_tested_and_the_picture_shows_them_all(store, tmp_path):
+    runs, tests = _showcase()
+    client, parent, comparison = _compare(store, runs, tmp_path, tests=tests)
+    summary = comparison.summary()
+    assert summary.startswith("Winner: scheduler=onecycle, freeze.depth=0  mean best val/acc 0.9860 (n=1, no interval) on val; "
+                              f"{0.986 - 0.012:.4f} (n=1, no interval) on test")
+    assert "No difference can be tested with one run per configuration" in summary and "seed=0,1,2" in summary
+    assert "of the 19 other configurations are" not in summary
+
+    fig = _figure()
+    ranking = compare_figure.draw(comparison.main, fig)["ranking"]
+    labels = [label.get_text() for label in ranking.get_yticklabels()]
+    assert len(labels) == 20 and set(labels) == {comparison.label(c) for c in comparison.ranked()}
+    low, high = ranking.get_ylim()
+    assert all(low < tick < high for tick in ranking.get_yticks())  # none cut off
+    val_bars, *test_bars = [c for c in ranking.containers if isinstance(c, BarContainer)]
+    assert sorted(bar.get_width() for bar in val_bars) == pytest.approx(sorted(b for bs in SHOWCASE.values() for b in bs))
+    assert sorted(bar.get_width() for bars in test_bars for bar in bars) == pytest.approx(sorted(tests))
+    assert ranking.get_xlim()[0] < min(tests)  # the head-only ones (0.878-0.906) and their tests are in view
+    plt.close(fig)
+    height, width, _ = plt.imread(tmp_path / "comparison.png").shape
+    assert height > 1155  # grown past a single data set's 10.5 in for 20 readable rows
+
+
+def _figure():
+    """A figure for one data set's panels, as tall as comparison.png's for 20 configurations."""
+    return plt.figure(figsize=(15, 13.65), layout="constrained")
+
+
+def test_configurations_with_one_run_are_counted_apart_from_those_tested(store, tmp_path):
+    runs, tests = _showcase(seeds=(0, 1, 2), repeated=("onecycle", "cosine"))
+    _, _, comparison = _compare(store, runs, tmp_path, tests=tests)
+    table = _read(tmp_path / "comparison.csv")
+    tested = [row for row in table[1:] if row["verdict"] in ("distinguishable", "not distinguishable")]
+    close = sum(row["verdict"] == "not distinguishable" for row in tested)
+    assert (len(table), len(tested)) == (20, 7)
+    assert (f"{close} of the 7 other configurations that could be tested are not distinguishable from the winner; "
+            f"12 could not be tested: one run each") in comparison.summary()

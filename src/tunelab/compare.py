@@ -13,14 +13,15 @@ run logged (the param, or the group's option tag), so a run that left a key at i
 one that set it to the same value. Keys that do not change what is learnt (NOT_LEARNT) never make a
 configuration. Runs that differ only by `seed` and/or `data.fold` are repeats
 of one configuration. Per configuration the comparison gives n, the mean, the standard deviation and the 95 % confidence
-interval (Student t) of the best and the final val/acc; configurations are ranked by their mean best
-val/acc, and each one is tested against the winner (see RULE).
+interval (Student t) of the best and the final val/acc and of the test/acc, and the optimism (the mean of best
+val/acc minus test/acc); configurations are ranked by their mean best val/acc alone, and each one is tested
+against the winner (see RULE). The test/acc is reported, never chosen on.
 
 Writes comparison.csv (one row per configuration), comparison_runs.csv (one row per run),
 comparison.md and comparison.png (LR curves per scheduler, mean validation accuracy per epoch, a heat
-map of the mean best validation accuracy over the two swept keys, and the ranking with its
-intervals; one block of these per data set) to the output folder and, for a sweep, logs them to the
-parent run. Made automatically at the end of every `-m` sweep.
+map of the mean best validation accuracy over the two swept keys, and the ranking of every configuration
+with its mean test accuracy beside, each with its interval; one block of these per data set) to the
+output folder and, for a sweep, logs them to the parent run. Made automatically at the end of every `-m` sweep.
 """
 
 from __future__ import annotations
@@ -32,15 +33,15 @@ from pathlib import Path
 from tunelab.compare_figure import write_figure
 from tunelab.compare_report import Comparison, Report
 from tunelab.compare_rows import children, data_sets, latest_sweep, read_rows
-from tunelab.compare_stats import METRIC, group, rank, swept_keys
+from tunelab.compare_stats import METRIC, TEST_METRIC, group, rank, swept_keys
 from tunelab.compare_tables import write_tables
 from tunelab.tracking import open_store, resolve_tracking_uri
 
 
 def compare_runs(client, runs, out_dir: Path, parent_id: str | None = None) -> Comparison:
     """Build the tables and the figure for `runs`, ranking each data set's runs on their own; write them to
-    `out_dir` and log them to the parent with the winner's mean best val/acc (metric `best_val/acc`) and
-    its label (tag `tunelab.winner`)."""
+    `out_dir` and log them to the parent with the winner's mean best val/acc (metric `best_val/acc`), its mean
+    test/acc (metric `test/acc`, when its runs logged one) and its label (tag `tunelab.winner`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     reports = []
@@ -61,6 +62,8 @@ def compare_runs(client, runs, out_dir: Path, parent_id: str | None = None) -> C
         if ranked:
             client.log_metric(parent_id, f"best {METRIC}".replace(" ", "_"), ranked[0].best.mean)
             client.set_tag(parent_id, "tunelab.winner", main.label(ranked[0]))
+            if ranked[0].test_acc.n:
+                client.log_metric(parent_id, TEST_METRIC, ranked[0].test_acc.mean)
     return comparison
 
 

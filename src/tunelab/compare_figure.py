@@ -4,12 +4,18 @@ a heat map over the two swept keys and the ranking with its intervals."""
 from __future__ import annotations
 
 import math
+import textwrap
 
 import numpy as np
 
-from tunelab.compare_report import Comparison, Report, ranked_separately, runs_text
-from tunelab.compare_stats import METRIC, NOT_DISTINGUISHABLE, Config, Row
+from tunelab.compare_report import Comparison, Report, others_text, ranked_separately, runs_text
+from tunelab.compare_stats import METRIC, NOT_DISTINGUISHABLE, TEST_METRIC, TOO_FEW, Config, Row
 from tunelab.plots import pyplot
+
+#: The height of a row of panels, in inches; the ranking's row grows past it with the configurations.
+ROW_HEIGHT = 5.25
+#: The ranking's height per configuration and for its title and axis, in inches.
+RANK_HEIGHT, RANK_MARGIN = 0.34, 1.6
 
 
 def write_figure(comparison: Comparison) -> None:
@@ -23,23 +29,32 @@ def figure(comparison: Comparison):
     """comparison.png's figure: the four panels of `draw`, one block of them per data set."""
     plt = pyplot()
     reports = comparison.reports
-    fig = plt.figure(figsize=(15, 10.5 * len(reports)), layout="constrained")
+    heights = [ROW_HEIGHT + _ranking_height(report) for report in reports]
+    fig = plt.figure(figsize=(15, sum(heights)), layout="constrained")
     if len(reports) == 1:
         draw(reports[0], fig)
         return fig
     fig.suptitle(f"{ranked_separately(len(reports))}:", fontsize=14, fontweight="bold")
-    for i, (report, block) in enumerate(zip(reports, fig.subfigures(len(reports), 1))):
+    for i, (report, block) in enumerate(zip(reports, fig.subfigures(len(reports), 1, height_ratios=heights))):
         block.set_facecolor("0.94" if i % 2 else "white")
         draw(report, block, heading=f"{report.data} ({runs_text(report)})")
     return fig
 
 
-def draw(report: Report, fig, heading: str = ""):
+def _ranking_height(report: Report) -> float:
+    """The height of the row with the ranking: a row's, or more when it has too many configurations to read."""
+    return max(ROW_HEIGHT, RANK_MARGIN + RANK_HEIGHT * len(report.ranked()))
+
+
+def draw(report: Report, fig, heading: str = "") -> dict:
     """One data set's panels on `fig` (a figure or a subfigure): LR curves, mean val/acc per epoch, the
-    heat map over the two swept keys and the ranking; its title says who won, under `heading` if given."""
+    heat map over the two swept keys and the ranking; its title says who won, on val and on test, and what
+    the others' runs can tell, under `heading` if given. Returns the panels' axes by name: "lr", "accuracy",
+    "heat", "ranking"."""
     plt = pyplot()
     swept, configs = report.swept, report.configs
-    ax_lr, ax_acc, ax_heat, ax_rank = fig.subplots(2, 2).flat
+    axes = fig.subplots(2, 2, height_ratios=[ROW_HEIGHT, _ranking_height(report)])
+    ax_lr, ax_acc, ax_heat, ax_rank = axes.flat
     key_a = swept[0] if swept else None
     key_b = swept[1] if len(swept) > 1 else None
     values_a = sorted({c.values.get(key_a, "") for c in configs}, key=_sort_key) if key_a else [""]
@@ -53,9 +68,10 @@ def draw(report: Report, fig, heading: str = ""):
     _accuracy_panel(ax_acc, report, key_a, values_a, key_b, values_b, colors, color)
     _heat_panel(fig, ax_heat, configs, key_a, values_a, key_b, values_b)
     _ranking_panel(ax_rank, report, color)
-    title = report.summary().splitlines()[0].replace("; ", ";\n", 1)
+    lines = [*report.summary().splitlines()[0].split("; ", 2), others_text(report.ranked())]
+    title = "\n".join(textwrap.fill(line, 150) for line in lines if line)
     fig.suptitle(f"{heading}\n{title}" if heading else title, fontsize=12)
-    return fig
+    return {"lr": ax_lr, "accuracy": ax_acc, "heat": ax_heat, "ranking": ax_rank}
 
 
 STYLES = ["-", "--", ":", "-."]
@@ -136,30 +152,74 @@ def _heat_panel(fig, ax, configs: list[Config], key_a: str | None, values_a: lis
 
 
 def _ranking_panel(ax, report: Report, color) -> None:
-    """The 15 best configurations' mean best val/acc with its 95 % interval, the runs as dots."""
-    ranked = report.ranked()[:15][::-1]
-    if ranked:
-        means = [c.best.mean for c in ranked]
-        errors = [0.0 if math.isnan(c.best.half_width) else c.best.half_width for c in ranked]
-        bars = ax.barh(range(len(ranked)), means, xerr=errors, capsize=3, color=[color(c) for c in ranked],
-                       error_kw={"elinewidth": 1.2})
-        marks = {NOT_DISTINGUISHABLE: " ≈", "too few runs to tell": " ?"}
-        points = [means[0]]
-        for y, (c, bar) in enumerate(zip(ranked, bars)):
-            if c.verdict in marks:
-                bar.set(hatch="//", alpha=0.45)
-            dots = [r.best for r in c.finished]
-            ax.scatter(dots, [y] * len(dots), color="black", s=12, zorder=3)
-            right = max(c.best.mean + errors[y], *dots)
-            ax.text(right, y, f" {c.best.mean:.4f} ({c.best.mean - report.top:+.4f}){marks.get(c.verdict, '')}", va="center", fontsize=8)
-            points += [*dots, c.best.mean - errors[y], c.best.mean + errors[y]]
-        low, high = min(points), max(points)
-        ax.set_xlim(max(0.0, low - (high - low) * 0.5 - 0.01), high + (high - low) * 0.5 + 0.01)
-        ax.set_yticks(range(len(ranked)), [report.label(c) for c in ranked])
-    ax.set_title(f"Ranking by mean best {METRIC} (bars: 95 % CI, dots: runs)\n"
-                 "hatched ≈: not distinguishable from the winner; ?: too few runs", fontsize=11)
-    ax.set_xlabel(f"best {METRIC}")
+    """Every ranked configuration's mean best val/acc with its 95 % interval, the runs as dots; below each, thinner
+    and gray, its mean test/acc with its interval when its runs logged one."""
+    ranked = report.ranked()[::-1]
+    if not ranked:
+        return
+    with_test = any(c.test_acc.n for c in ranked)
+    val_y, height = (0.16, 0.5) if with_test else (0.0, 0.8)
+    means = [c.best.mean for c in ranked]
+    errors = [_half(c.best) for c in ranked]
+    bars = ax.barh(np.arange(len(ranked)) + val_y, means, height=height, xerr=errors, capsize=3,
+                   color=[color(c) for c in ranked], error_kw={"elinewidth": 1.2})
+    marks = {NOT_DISTINGUISHABLE: " ≈", TOO_FEW: " ?"}
+    points = [means[0]]
+    for y, (c, bar) in enumerate(zip(ranked, bars)):
+        if c.verdict in marks:
+            bar.set(hatch="//", alpha=0.45)
+        dots = [r.best for r in c.finished]
+        ax.scatter(dots, [y + val_y] * len(dots), color="black", s=12, zorder=3)
+        right = max(c.best.mean + errors[y], *dots)
+        ax.text(right, y + val_y, f" {c.best.mean:.4f} ({c.best.mean - report.top:+.4f}){marks.get(c.verdict, '')}"
+                + _test_label(c), va="center", fontsize=8)
+        points += [*dots, c.best.mean - errors[y], c.best.mean + errors[y]]
+    if with_test:
+        points += _test_bars(ax, ranked)
+    low, high = min(points), max(points)
+    left = max(0.0, low - (high - low) * 0.5 - 0.01)
+    # the right 25 % of the axis for the numbers after the bars, 40 % when they name the test/acc too
+    ax.set_xlim(left, high + (high - left) * (2 / 3 if with_test else 1 / 3))
+    ax.set_ylim(-0.6, len(ranked) - 0.4)
+    ax.set_yticks(range(len(ranked)), [report.label(c) for c in ranked])
+    which = f"All {len(ranked)} configurations" if len(ranked) > 1 else "The one configuration"
+    ax.set_title(f"{which} ranked by mean best {METRIC}\n(bars: 95 % CI, dots: runs; "
+                 "hatched ≈: not distinguishable\nfrom the winner; ?: too few runs)", fontsize=11)
+    ax.set_xlabel(f"best {METRIC}" + (f"; {TEST_METRIC} (gray)" if with_test else ""))
     ax.tick_params(axis="y", labelsize=8)
+
+
+def _test_bars(ax, ranked: list[Config]) -> list[float]:
+    """Each configuration's mean test/acc, a thin gray bar with its 95 % interval below its val/acc bar, and the
+    legend; the means, for the axis limits (an interval over two runs is wide and may run off the axis)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    means = []
+    for y, c in enumerate(ranked):
+        held_out = c.test_acc
+        if held_out.n:
+            ax.barh(y - 0.26, held_out.mean, height=0.26, xerr=_half(held_out), capsize=2, color="0.55",
+                    error_kw={"elinewidth": 1})
+            means.append(held_out.mean)
+    ax.legend(handles=[Patch(facecolor="white", edgecolor="0.3", label=f"{METRIC} (ranked)"),
+                       Patch(facecolor="0.55", label=f"{TEST_METRIC} (not ranked)"),
+                       Line2D([], [], color="black", marker="o", linestyle="", markersize=4, label="a run")],
+              fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
+    return means
+
+
+def _test_label(config: Config) -> str:
+    """"; test 0.9750" after the configuration's val/acc, with its n where fewer runs logged a test/acc; "" without."""
+    held_out = config.test_acc
+    if not held_out.n:
+        return ""
+    return f"; test {held_out.mean:.4f}" + (f" (n={held_out.n})" if held_out.n != config.best.n else "")
+
+
+def _half(s) -> float:
+    """The interval's half width; 0 where there is none (n=1), so that no error bar is drawn."""
+    return 0.0 if math.isnan(s.half_width) else s.half_width
 
 
 def _sort_key(value: str):

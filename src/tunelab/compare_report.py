@@ -7,7 +7,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunelab.compare_stats import METRIC, NOT_DISTINGUISHABLE, REPEAT_KEYS, RULE, Config, Row, Stats, swept_order
+from tunelab.compare_stats import (METRIC, NOT_DISTINGUISHABLE, REPEAT_KEYS, RULE, TEST_METRIC, TOO_FEW, Config, Row, Stats,
+                                   swept_order)
 
 
 @dataclass
@@ -41,21 +42,22 @@ class Report:
         return self.label(config) + (f" ({repeat})" if repeat and len(config.runs) > 1 else "")
 
     def summary(self, rule: bool = True) -> str:
-        """The winner, how it relates to the others and the failed runs; with the test's rule unless `rule` is False."""
+        """The winner on val and on test, how it relates to the others and the failed runs; with the test's rule
+        unless `rule` is False."""
         ranked = self.ranked()
         failed = [(c, r) for c in self.configs for r in c.failed]
         if not ranked:
             text = f"No run finished ({len(failed)} failed)."
         else:
             win = ranked[0]
-            text = f"Winner: {self.label(win)}  mean best {METRIC} {_mean_and_interval(win.best)}"
+            text = f"Winner: {self.label(win)}  mean best {METRIC} {_mean_and_interval(win.best)} on val; {_test_text(win)}"
             if len(ranked) == 1:
                 text += "; one configuration only: not distinguishable against itself, nothing else to compare it with"
             else:
                 text += "; " + self._versus_text(ranked[1])
-            if len(ranked) > 2:
-                close = sum(c.verdict == NOT_DISTINGUISHABLE for c in ranked[1:])
-                text += f"\n{close} of the {len(ranked) - 1} other configurations are {NOT_DISTINGUISHABLE} from the winner."
+            others = others_text(ranked)
+            if others:
+                text += "\n" + others
             if rule:
                 text += f"\nRule: {RULE}."
         if failed:
@@ -69,7 +71,7 @@ class Report:
             return f"{NOT_DISTINGUISHABLE} from {name} ({gap:.4f} ahead, {other.test}, {_p_text(other.p)})"
         if other.verdict == "distinguishable":
             return f"distinguishable from {name}, {gap:.4f} ahead ({other.test}, {_p_text(other.p)})"
-        return f"{gap:.4f} ahead of {name}, too few runs to tell whether that is more than noise"
+        return f"{gap:.4f} ahead of {name}, {TOO_FEW} whether that is more than noise"
 
 
 @dataclass
@@ -127,6 +129,43 @@ def ranked_separately(count: int) -> str:
 def runs_text(report: Report) -> str:
     """"1 run", "3 runs": how many runs a data set has, for its heading."""
     return f"{len(report.rows)} run" + ("s" if len(report.rows) != 1 else "")
+
+
+#: What to add to a sweep so that its configurations can be tested against each other.
+REPEAT_HINT = "repeat each configuration over seeds (add `seed=0,1,2` to the sweep, e.g. `./multirun.sh seed=0,1,2`)"
+
+
+def others_text(ranked: list[Config]) -> str:
+    """How many of the configurations after the winner are within the noise of it, and how many could not be
+    tested; "" when the line on the runner-up says all there is (two configurations, both tested)."""
+    others = ranked[1:]
+    untested = sum(c.verdict == TOO_FEW for c in others)
+    close = sum(c.verdict == NOT_DISTINGUISHABLE for c in others)
+    if not others or (len(others) == 1 and not untested):
+        return ""
+    if not untested:
+        return f"{close} of the {len(others)} other configurations are {NOT_DISTINGUISHABLE} from the winner."
+    if all(c.best.n == 1 for c in ranked):
+        return (f"No difference can be tested with one run per configuration ({len(ranked)} configurations, one run "
+                f"each): {REPEAT_HINT} to tell which differences are more than noise.")
+    if ranked[0].best.n == 1:
+        return f"No difference can be tested: the winner has one finished run; {REPEAT_HINT}."
+    tested = len(others) - untested
+    if not tested:
+        return f"None of the {len(others)} other configurations can be tested against the winner: one run each; {REPEAT_HINT}."
+    return (f"{close} of the {tested} other configurations that could be tested are {NOT_DISTINGUISHABLE} from the "
+            f"winner; {untested} could not be tested: one run each ({REPEAT_HINT}).")
+
+
+def _test_text(config: Config) -> str:
+    """The configuration's mean test/acc with its interval (its n when that differs from the validation's), or that
+    there is none."""
+    held_out, best = config.test_acc, config.best
+    if not held_out.n:
+        return f"no {TEST_METRIC} logged"
+    if held_out.n == best.n >= 2:
+        return f"{held_out.mean:.4f} ± {held_out.half_width:.4f} on test"
+    return f"{_mean_and_interval(held_out)} on test"
 
 
 def _p_text(p: float) -> str:

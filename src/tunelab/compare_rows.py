@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from fnmatch import fnmatchcase
 
-from tunelab.compare_stats import METRIC, Row
+from tunelab.compare_stats import METRIC, TEST_METRIC, Row
 from tunelab.tracking.tags import ERROR_TAG, GROUPS, KIND_TAG, SWEEP_TAG
 #: Override keys (fnmatch patterns) that do not change what is learnt: display, logging and
 #: checkpoints, where the run runs, and the optimizer's kernel (fused or foreach: the same update
@@ -79,6 +79,7 @@ def _row(client, run) -> Row:
         epochs=len(curve),
         seconds=(end - run.info.start_time) / 1000 if run.info.start_time else math.nan,
         error=run.data.tags.get(ERROR_TAG, ""),
+        test_acc=run.data.metrics.get(TEST_METRIC, math.nan),
         curve=curve,
         lrs=lrs,
         settings={**run.data.params, **{g: run.data.tags[g] for g in GROUPS if g in run.data.tags}},

@@ -11,6 +11,9 @@ import numpy as np
 from scipy import stats
 
 METRIC = "val/acc"
+#: The accuracy on the test split, logged once at the end of a run for the weights `monitor` chose:
+#: reported beside the validation, never used to rank.
+TEST_METRIC = "test/acc"
 #: Override keys that repeat a configuration instead of making a new one.
 REPEAT_KEYS = ("seed", "data.fold")
 ALPHA = 0.05
@@ -18,6 +21,8 @@ RULE = (f"each configuration's best {METRIC} is compared with the winner's by a 
         f"seed and fold (when at least 2 pairs match), otherwise by Welch's t-test (when both have n >= 2); "
         f"distinguishable when p < {ALPHA}")
 NOT_DISTINGUISHABLE = "not distinguishable"
+#: The verdict where neither test applies (one run on a side, and fewer than 2 matching pairs).
+TOO_FEW = "too few runs to tell"
 
 
 @dataclass
@@ -36,6 +41,8 @@ class Row:
     epochs: int
     seconds: float
     error: str
+    #: test/acc; NaN when the run logged none (trainer.test=false, or a run from before the test split).
+    test_acc: float = math.nan
     curve: list[float] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
     settings: dict[str, str] = field(default_factory=dict)
@@ -43,6 +50,12 @@ class Row:
     @property
     def ok(self) -> bool:
         return self.status == "FINISHED" and not math.isnan(self.best)
+
+    @property
+    def optimism(self) -> float:
+        """Best val/acc minus test/acc: how much the validation the run was chosen on overstates the test; NaN
+        without a test/acc."""
+        return self.best - self.test_acc
 
     def value(self, key: str) -> str:
         """The run's value of a config key: its logged param or group tag, else its override."""
@@ -103,6 +116,21 @@ class Config:
     @property
     def final(self) -> Stats:
         return describe([r.final for r in self.finished])
+
+    @property
+    def test_acc(self) -> Stats:
+        """test/acc over the finished runs that logged one; n=0 when none did."""
+        return describe([r.test_acc for r in self._with_test])
+
+    @property
+    def optimism(self) -> float:
+        """The mean of best val/acc minus test/acc over the finished runs that logged a test/acc; NaN when none did."""
+        runs = self._with_test
+        return float(np.mean([r.optimism for r in runs])) if runs else math.nan
+
+    @property
+    def _with_test(self) -> list[Row]:
+        return [r for r in self.finished if not math.isnan(r.test_acc)]
 
 
 def swept_keys(rows: list[Row]) -> list[str]:
@@ -165,7 +193,7 @@ def versus(winner: Config, other: Config) -> tuple[float, str, str]:
             p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
         test = "Welch's t-test"
     else:
-        return math.nan, "", "too few runs to tell"
+        return math.nan, "", TOO_FEW
     return p, test, "distinguishable" if p < ALPHA else NOT_DISTINGUISHABLE
 
 
