@@ -7,6 +7,7 @@ from fnmatch import fnmatchcase
 
 from tunelab.compare_stats import METRIC, TEST_METRIC, Row
 from tunelab.tracking.tags import ERROR_TAG, GROUPS, KIND_TAG, SWEEP_TAG
+
 #: Override keys (fnmatch patterns) that do not change what is learnt: display, logging and
 #: checkpoints, where the run runs, and the optimizer's kernel (fused or foreach: the same update
 #: rule). They never make a configuration and never appear in its name.
