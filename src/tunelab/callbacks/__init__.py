@@ -9,6 +9,7 @@
 | `StopSignal` | signals.py | always (Ctrl-C, SIGTERM, SIGUSR2) |
 | `Checkpointing` | checkpointing.py | when the run has a folder; `trainer.checkpoint_every_n_steps` |
 | `ProgressBar` | progress.py | `trainer.progress` |
+| `HeldOutTest` | held_out_test.py | `trainer.test` (when the data has a test split) |
 
 `tunelab.run.callbacks` builds them from the config, in the order they run.
 """
