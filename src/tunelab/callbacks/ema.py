@@ -27,10 +27,9 @@ class WeightEMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        pairs = [(a, p) for a, p in self._pairs if p.requires_grad]
-        if pairs:
-            averages, weights = zip(*pairs)
-            torch._foreach_lerp_(list(averages), list(weights), 1.0 - self.decay)
+        for average, weight in self._pairs:
+            if weight.requires_grad:
+                average.lerp_(weight, 1.0 - self.decay)
         for average, buffer in self._buffers:
             average.copy_(buffer)
 
