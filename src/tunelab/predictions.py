@@ -39,8 +39,14 @@ class Predictions:
     def scores(self, loss_fn: nn.Module, prefix: str) -> dict[str, float]:
         """`<prefix>/acc`, `/loss`, `/balanced_acc`, `/macro_f1`."""
         found = metrics.summary(self.confusion())
-        found["loss"] = loss_fn(self.logits, self.targets).item()
+        with torch.inference_mode():  # an evaluation: the loss builds no graph (and knows it is not training)
+            found["loss"] = loss_fn(self.logits.to(_device(loss_fn)), self.targets.to(_device(loss_fn))).item()
         return {f"{prefix}/{key}": found[key] for key in ("acc", "loss", "balanced_acc", "macro_f1")}
+
+
+def _device(module: nn.Module) -> torch.device:
+    """Where a loss's tensors live (its class weights), the CPU when it has none."""
+    return next((t.device for t in (*module.parameters(), *module.buffers())), torch.device("cpu"))
 
 
 def predict(module: nn.Module, loader, device: torch.device, precision: str = "32", channels_last: bool = False) -> Predictions:
