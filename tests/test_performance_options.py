@@ -194,7 +194,7 @@ def test_fused_gives_way_to_foreach_and_to_devices_without_the_kernel(caplog):
     cfg = OmegaConf.create({"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1, "fused": True})
     on_cpu = [torch.nn.Parameter(torch.zeros(3))]
     assert not optimizer_factory(OmegaConf.merge(cfg, {"foreach": True}))(on_cpu).param_groups[0]["fused"]
-    with caplog.at_level("INFO", logger="tunelab.run"):
+    with caplog.at_level("INFO", logger="tunelab.optimizers"):
         optimizer = optimizer_factory(cfg)([torch.nn.Parameter(torch.zeros(3, device="meta"))])
     assert not optimizer.param_groups[0]["fused"]
     assert "no fused kernel here (meta)" in caplog.text

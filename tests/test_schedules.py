@@ -66,8 +66,9 @@ def torch_reference(name: str, sched_cfg, warmup_steps: int, interval: str, val_
     for k in range(n_main):
         main.append(opt.param_groups[0]["lr"])
         opt.step()
-        if name == "plateau":
-            sched.step(val_losses[k] if k < len(val_losses) else 0.0)
+        if name == "plateau":  # its k-th step follows the k-th epoch it was active in, after the warmup's epochs
+            done = k + warmup_steps // SPE
+            sched.step(val_losses[done] if done < len(val_losses) else 0.0)
         else:
             sched.step()
     first = main[0]

@@ -101,8 +101,16 @@ def data_sets(rows: list[Row]) -> list[tuple[str, list[Row]]]:
     """The runs split by data_identity, in the order they started, each with its label: the data keys
     whose values differ between the sets ("" when all runs are on one data set)."""
     sets: dict[tuple, list[Row]] = {}
+    unknown = []  # runs that logged no data params (a job that failed before it started): listed with the largest set
+    rows_with_params = any(any(k.startswith("data.") for k in r.settings) for r in rows)
     for r in rows:
-        sets.setdefault(tuple(sorted(data_identity(r).items())), []).append(r)
+        identity = tuple(sorted(data_identity(r).items()))
+        logged = any(key.startswith("data.") for key, _ in identity)  # the `data` tag alone says too little
+        (sets.setdefault(identity, []) if logged or not rows_with_params else unknown).append(r)
+    if unknown:
+        largest = max(sets.values(), key=len) if sets else sets.setdefault((), [])
+        largest.extend(unknown)
+        largest.sort(key=rows.index)
     if len(sets) <= 1:
         return [("", rows)]
     identities = [dict(identity) for identity in sets]

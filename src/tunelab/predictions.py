@@ -8,6 +8,7 @@ import io
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -95,6 +96,44 @@ def confusion_figure(found: Predictions, classes: Sequence[str], title: str):
     return fig
 
 
+def most_confidently_wrong(found: Predictions) -> list[int]:
+    """The indices of the misclassified images, the most confident prediction first (TOP_LOSSES at most)."""
+    probability, predicted = found.probabilities.max(1)
+    wrong = (predicted != found.targets).nonzero().flatten()
+    return wrong[probability[wrong].argsort(descending=True)][:TOP_LOSSES].tolist()
+
+
+@dataclass
+class TestFigures:
+    """What `confusion_matrix.png` and `top_losses.png` are drawn from: small enough to be sent to the
+    process that draws them (MLflow's helper process), so the training process never imports
+    matplotlib for them. It holds numpy arrays, not tensors: torch pickles tensors for another
+    process through shared memory that only its own children may open. `images` holds the most
+    confidently wrong images, by index."""
+
+    logits: np.ndarray
+    targets: np.ndarray
+    images: dict[int, np.ndarray]
+    classes: list[str]
+    mean: tuple
+    std: tuple
+    folder: str | None = None
+
+    @classmethod
+    def of(cls, found: Predictions, images: dict, classes, mean, std, folder: str | None) -> "TestFigures":
+        arrays = {i: image.cpu().numpy() for i, image in images.items()}
+        return cls(found.logits.numpy(), found.targets.numpy(), arrays, list(classes), tuple(mean), tuple(std), folder)
+
+    def draw(self) -> dict:
+        """{file name: figure}; the caller closes the figures."""
+        found = Predictions(torch.from_numpy(self.logits), torch.from_numpy(self.targets))
+        return {
+            "confusion_matrix.png": confusion_figure(found, self.classes, "Test confusion matrix"),
+            "top_losses.png": top_losses_figure(found, lambda i: torch.from_numpy(self.images[i]), self.classes, self.mean, self.std,
+                                                "Test images the model got most confidently wrong"),
+        }
+
+
 def top_losses_figure(found: Predictions, images, classes: Sequence[str], mean: Sequence[float], std: Sequence[float], title: str):
     """The images the model got most confidently wrong, each with its true and predicted class and
     the predicted probability; `images(i)` returns image i of the split as a normalized CHW tensor."""
@@ -102,8 +141,7 @@ def top_losses_figure(found: Predictions, images, classes: Sequence[str], mean: 
 
     plt = pyplot()
     probability, predicted = found.probabilities.max(1)
-    wrong = (predicted != found.targets).nonzero().flatten()
-    order = wrong[probability[wrong].argsort(descending=True)][:TOP_LOSSES].tolist()
+    order = most_confidently_wrong(found)
     columns = 4
     rows = max(1, -(-len(order) // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.6 * rows + 0.4), squeeze=False, constrained_layout=True)

@@ -79,29 +79,17 @@ class HeldOutTest(Callback):
         self._artifacts(found)
 
     def _artifacts(self, found: dict) -> None:
-        t, plt = self.test, None
+        """per_class.csv here; the two figures drawn by the logger (in MLflow's helper process)."""
+        t = self.test
         table = predictions.per_class_csv(found, t.classes)
-        figures = {
-            "confusion_matrix.png": predictions.confusion_figure(found["test"], t.classes, "Test confusion matrix"),
-            "top_losses.png": predictions.top_losses_figure(found["test"], lambda i: t.dataset[i][0], t.classes, t.mean, t.std,
-                                                             "Test images the model got most confidently wrong"),
-        }
-        from tunelab.plots import pyplot
-
-        plt = pyplot()
-        try:
-            self.logger.log_text(table, "per_class.csv")
-            for name, figure in figures.items():
-                self.logger.log_figure(figure, name)
-            if t.folder is not None:
-                t.folder.mkdir(parents=True, exist_ok=True)
-                (t.folder / "per_class.csv").write_text(table)
-                for name, figure in figures.items():
-                    figure.savefig(t.folder / name, dpi=110)
-                log.info("Per-class results: %s, %s, %s", *(t.folder / n for n in ("per_class.csv", *figures)))
-        finally:
-            for figure in figures.values():
-                plt.close(figure)
+        self.logger.log_text(table, "per_class.csv")
+        images = {i: t.dataset[i][0] for i in predictions.most_confidently_wrong(found["test"])}
+        folder = str(t.folder) if t.folder is not None else None
+        self.logger.log_test_figures(predictions.TestFigures.of(found["test"], images, t.classes, t.mean, t.std, folder))
+        if t.folder is not None:
+            t.folder.mkdir(parents=True, exist_ok=True)
+            (t.folder / "per_class.csv").write_text(table)
+            log.info("Per-class results: %s; confusion_matrix.png and top_losses.png beside it", t.folder / "per_class.csv")
 
 
 def _same_module(copied: nn.Module, original: nn.Module, part: nn.Module) -> nn.Module:

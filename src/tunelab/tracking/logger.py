@@ -119,6 +119,9 @@ class NullLogger:
     def log_artifact(self, path: str | Path) -> None:
         pass
 
+    def log_test_figures(self, figures) -> None:
+        pass
+
     def log_model(self, model, input_example) -> None:
         pass
 
@@ -265,6 +268,21 @@ class MlflowLogger(NullLogger):
 
     def log_artifact(self, path: str | Path) -> None:
         self._client.log_artifact(self.run_id, str(path))
+
+    def log_test_figures(self, figures) -> None:
+        """The held-out test's figures (`tunelab.predictions.TestFigures`), drawn here, logged, and
+        written to their run folder when they have one."""
+        from tunelab.plots import pyplot
+
+        drawn = figures.draw()
+        try:
+            for name, figure in drawn.items():
+                self.log_figure(figure, name)
+                if figures.folder is not None:
+                    figure.savefig(Path(figures.folder) / name, dpi=110)
+        finally:
+            for figure in drawn.values():
+                pyplot().close(figure)
 
     def log_model(self, model, input_example) -> None:
         log_pytorch_model(self.uri, self.run_id, model, input_example)

@@ -81,6 +81,10 @@ class ProcessLogger(NullLogger):
         log the model, on the other core); an error there is reported by `finish`."""
         self._helper.send("log_lr_curves", dict(curves), steps_per_epoch, name)
 
+    def log_test_figures(self, figures) -> None:
+        """Drawn and stored by the helper process, without a reply (an error is reported by `finish`)."""
+        self._helper.send("log_test_figures", figures)
+
     def log_artifact(self, path: str | Path) -> None:
         self._helper.call("log_artifact", str(Path(path).resolve()))
 
