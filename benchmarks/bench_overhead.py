@@ -95,7 +95,7 @@ def bare_pieces(fused: bool = False):
     x, y, xv, yv = bare_loop.digits()
     model = bare_loop.build()
     opt = bare_loop.sgd(model, fused)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=23 * 1000)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=-(-len(y) // 64) * 1000)
     return dict(model=model, opt=opt, sched=sched, data=(x, y, xv, yv), epoch=0)
 
 
