@@ -10,8 +10,8 @@
 the data is the run's own (its config, seed and split seed): `--split test` then scores the very
 images the run's `test/*` metrics came from. Data overrides are those of `train.py`: `data=OPTION`
 starts from that option's defaults; `data.KEY=VALUE` alone changes the run's own data. Images are
-prepared as the model was validated (its stored input size and normalization); classes are matched
-by name, and a data set with a class the model lacks is refused.
+prepared as the model's validation images were (its stored preprocessing, as `predict` does);
+classes are matched by name, and a data set with a class the model lacks is refused.
 
 Prints the metrics and a per-class table; writes `per_class.csv`, `confusion_matrix.png` and
 `top_losses.png` to `--out`; logs `eval/<name>/acc`, `/balanced_acc`, `/macro_f1`, `/loss` and the
@@ -23,6 +23,7 @@ the run's own data (`test`), else the data option (`folder`, and `folder_val` fo
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import sys
 from dataclasses import dataclass
@@ -85,6 +86,9 @@ def evaluate(model: trained.Trained, cfg: DictConfig, split: str, name: str, out
         splits = data_lib.kfold(splits, cfg.data.folds, cfg.data.fold, cfg.seed)
     dataset = getattr(splits, split)
     require(dataset is not None, f"--split {split}: this data has no {split} split (a folder with train/ and val/ but no test/)")
+    if getattr(dataset, "transform", None) is not None:  # image files: prepared as the model's validation images were (as predict does)
+        dataset = copy.copy(dataset)
+        dataset.transform = info.transform
     mapping = torch.tensor(class_map(info.classes, splits.classes, f"The data ({cfg.data.dataset._target_})"))
     loader = data_lib.make_loader(dataset, int(cfg.data.batch_size), False, int(cfg.seed), cfg.data.get("num_workers"))
     found = predictions.predict(model.classifier.module, loader, device)

@@ -18,6 +18,7 @@ from tunelab.errors import ConfigError, build, require
 from tunelab.inference import Classifier, ModelInfo
 from tunelab.serving import load_model_dir
 from tunelab.tracking.tags import JOB_DIR_TAG
+from tunelab.tracking.upload import fluent_api_at
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,9 @@ def from_uri(uri: str, device: torch.device, client) -> Trained:
     from mlflow.exceptions import MlflowException
 
     try:
-        mlflow.set_tracking_uri(client.tracking_uri)  # download_artifacts and get_model_info resolve runs:/ and models:/ there
-        folder = mlflow.artifacts.download_artifacts(artifact_uri=uri)
-        run_id = mlflow.models.get_model_info(uri).run_id
+        with fluent_api_at(client.tracking_uri):  # where download_artifacts and get_model_info resolve runs:/ and models:/
+            folder = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+            run_id = mlflow.models.get_model_info(uri).run_id
     except (MlflowException, OSError) as err:
         raise ConfigError(f"{uri}: no such model in {client.tracking_uri} ({str(err).splitlines()[0][:300]})") from None
     classifier = load_model_dir(folder, device)
