@@ -21,7 +21,8 @@ from PIL import Image
 from conftest import ROOT, SERVER_ENV, SMALL, free_port, mlflow_command, mlflow_runs, run_train, stop
 from tunelab import evaluate, models, predict
 from tunelab.data import digits_arrays, image_folder
-from tunelab.inference import INFO_KEY, Classifier, ModelInfo, decode
+from tunelab.inference import INFO_KEY, ModelInfo, decode
+from tunelab.tracking.upload import fluent_api_at
 
 
 def _cli(module: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -56,8 +57,8 @@ def test_the_logged_model_and_the_checkpoints_carry_classes_and_preprocessing(di
     folder, uri, run, best, proc = digits_run
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
-    local = mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/model")
+    with fluent_api_at(uri):
+        local = mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/model")
     model = Model.load(local)
     info = ModelInfo.from_dict(model.metadata[INFO_KEY])
     assert info.classes == [str(d) for d in range(10)] and info.image_size == 32 and info.resize == "square"
@@ -127,8 +128,8 @@ def test_predict_the_pyfunc_model_and_the_model_agree(digits_run, tmp_path):
     assert [float(r["probability"]) for r in rows] == pytest.approx(top.values.tolist(), abs=1e-5)
 
     # the pyfunc model: uint8 arrays, encoded bytes and base64 text give the same answer
-    mlflow.set_tracking_uri(uri)
-    pyfunc = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    with fluent_api_at(uri):
+        pyfunc = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     from_arrays = pyfunc.predict(np.stack([np.repeat(i[..., None], 3, axis=2) for i in images]))
     encoded = [(tmp_path / f"digit{i:02d}.png").read_bytes() for i in range(12)]
     import pandas as pd
@@ -203,6 +204,30 @@ def test_evaluate_matches_classes_by_name_and_refuses_unknown_ones(digits_run, t
     assert code == 2 and "classes the model was not trained on: seven" in err and "Traceback" not in err
 
 
+def test_a_csv_data_set_evaluates_as_predict_classifies_it(digits_run, tmp_path):
+    """evaluate on `data=csv` (a split column) scores the test rows as predict classifies their files."""
+    folder, uri, run, best, _ = digits_run
+    images = _digit_images(300)
+    _, labels = digits_arrays()
+    rows = []
+    for i, image in enumerate(images):
+        if labels[i] in (1, 4):
+            Image.fromarray(image).save(tmp_path / f"{i}.png")
+            rows.append((f"{i}.png", str(labels[i]), ("train", "val", "test")[i % 3]))
+    (tmp_path / "labels.csv").write_text("path,label,split\n" + "".join(",".join(r) + "\n" for r in rows))
+    code = evaluate.main(["--run", run.info.run_id, "--tracking-uri", uri, "--new-run", "--out", str(tmp_path / "e"),
+                          "data=csv", f"data.dataset.path={tmp_path / 'labels.csv'}"])
+    assert code == 0
+    scored = mlflow_runs(uri)[1][-1].data.metrics["eval/csv/acc"]
+    test_rows = [r for r in rows if r[2] == "test"]
+    out = tmp_path / "preds.csv"
+    assert predict.main([f"runs:/{run.info.run_id}/model", *(str(tmp_path / r[0]) for r in test_rows), "--out", str(out),
+                         "--tracking-uri", uri, "--quiet", "--device", "cpu"]) == 0
+    with open(out) as f:
+        predicted = [row["class"] for row in csv.DictReader(f)]
+    assert scored == pytest.approx(np.mean([p == r[1] for p, r in zip(predicted, test_rows)]), abs=1e-12)
+
+
 def test_predict_and_evaluate_refuse_bad_input_in_one_paragraph(tmp_path, capsys):
     assert predict.main([str(tmp_path / "missing.pt"), str(tmp_path)]) == 2
     assert "no image found" in capsys.readouterr().err
@@ -228,8 +253,8 @@ def test_mlflow_models_serve_answers_as_predict_does(digits_run, tmp_path):
         encoded.append(buffer.getvalue())
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
-    expected = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model").predict(encoded)
+    with fluent_api_at(uri):
+        expected = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model").predict(encoded)
     port = free_port()
     server = subprocess.Popen([*mlflow_command(), "models", "serve", "-m", f"runs:/{run.info.run_id}/model", "--env-manager", "local",
                                "-h", "127.0.0.1", "-p", str(port)], cwd=folder, env={**os.environ, **SERVER_ENV, "MLFLOW_TRACKING_URI": uri,
