@@ -18,12 +18,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "tunelab"
 LAYERS = [
     ["errors", "folders", "quick_exit", "distributed", "plots"],
     ["data", "models", "freezing", "schedules", "checkpoints", "optimizers", "environment", "metrics", "compare_stats"],
-    ["checks", "prepare"],
-    ["callbacks", "loop", "range_test", "predictions"],
+    ["checks", "prepare", "inference"],
+    ["callbacks", "loop", "range_test", "predictions", "serving"],
     ["tracking"],
-    ["compare_rows", "compare_report", "compare_tables", "compare_figure", "compare", "run"],
+    ["compare_rows", "compare_report", "compare_tables", "compare_figure", "compare", "run", "trained", "registry"],
     ["sweep"],
-    ["cli", "lr_find", "preview"],
+    ["cli", "lr_find", "preview", "evaluate", "predict"],
 ]
 LONGEST_FUNCTION = 60
 MOST_PARAMETERS = 10

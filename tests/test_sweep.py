@@ -63,6 +63,29 @@ def test_sweep_groups_children_under_one_parent_with_a_comparison(tmp_path):
     assert {"comparison.png", "comparison.csv", "comparison_runs.csv", "comparison.md"} <= artifacts
     assert (sweep_dir / "comparison.png").stat().st_size > 20_000
     assert "Winner:" in proc.stdout and "mlflow ui --backend-store-uri" in proc.stdout
+    assert f"#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}?workflowType=machine_learning" in proc.stdout
+    _check_champion(client, parent, kids)
+
+
+def _check_champion(client, parent, kids):
+    """The winner is registered (its best.pt logged, as the jobs logged no model), alias champion:
+    `models:/tunelab@champion` computes what the winner's best.pt does."""
+    import torch
+
+    from tunelab import trained
+
+    version = client.get_model_version_by_alias("tunelab", "champion")
+    winner = next(k for k in kids if k.info.run_id == version.run_id)
+    best = max(v for _, v in metric_series(client, winner.info.run_id, "val/acc"))
+    assert version.tags["tunelab.sweep_run"] == parent.info.run_id
+    assert float(version.tags["best val/acc"]) == pytest.approx(best, abs=1e-6)
+    winner_label = client.get_run(parent.info.run_id).data.tags["tunelab.winner"]
+    assert version.tags["tunelab.configuration"] == winner_label
+    assert float(version.tags["test/acc"]) == pytest.approx(winner.data.metrics["test/acc"], abs=1e-6)
+    champion = trained.from_uri("models:/tunelab@champion", torch.device("cpu"), client).classifier
+    checkpoint = trained.from_checkpoint(f"{winner.data.tags['tunelab.job_dir']}/best.pt", torch.device("cpu")).classifier
+    x = torch.randn(3, 3, champion.info.image_size, champion.info.image_size)
+    assert torch.allclose(champion.probabilities(x), checkpoint.probabilities(x), atol=1e-6)
 
 
 @pytest.mark.slow

@@ -185,3 +185,15 @@ def test_the_sweep_shows_in_the_mlflow_ui(tmp_path, chromium, monkeypatch):
         shown_value = re.search(r'title="([^"]+)"', dom[lr_link : lr_link + 2000])  # the value cell next to it
         assert shown_value, dom[lr_link : lr_link + 2000]
         assert float(html.unescape(shown_value.group(1))) == pytest.approx(job.data.metrics["lr"], rel=1e-9, abs=1e-15)
+
+        # The link the sweep printed last opens its parent run's page in the training view.
+        printed = re.search(r"^then:\s+(http://127\.0\.0\.1:5000/(#/experiments/\S+))$", proc.stdout, re.M)
+        assert printed, proc.stdout[-2000:]
+        parent = parents[0]
+        assert printed.group(2) == f"#/experiments/{experiment_id}/runs/{parent.info.run_id}?workflowType=machine_learning"
+
+        def parent_shown(dom: str, text: str) -> bool:
+            return words(parent.info.run_name) in text and "Metrics (" in text
+
+        dom, text, _ = browser.dump(f"{base}/{printed.group(2)}", parent_shown)
+        assert parent_shown(dom, text), text[:3000]

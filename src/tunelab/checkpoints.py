@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 LAST = "last.pt"
 BEST = "best.pt"
+#: What `best.pt` carries from `last.pt` beside the weights (tunelab.trained rebuilds the model from it).
+BEST_EXTRAS = ("model_info", "run_id", "config")
 #: Config keys that may differ between a run and its resumption.
 RESUMABLE_CHANGES = ("trainer.resume", "trainer.progress", "trainer.device", "trainer.checkpoint_dir", "trainer.log_every_n_steps", "data.num_workers",
                      "logger.in_process", "trainer.checkpoint_min_interval_s", "optimizer.fused", "optimizer.foreach",
@@ -193,7 +195,10 @@ class Saver:
     def save(self, last: dict, loop_state: Any, is_best: bool) -> None:
         """Write or hold this snapshot; first raise the CheckpointError of an earlier write that failed."""
         self.writer.check()
-        best = {"model": last["model"], "epoch": loop_state.epoch, self.monitor: loop_state.best} if is_best else None
+        best = None
+        if is_best:  # the weights, and what using them needs: the classes and preprocessing, the run and its config
+            best = {"model": last["model"], "epoch": loop_state.epoch, self.monitor: loop_state.best,
+                    **{key: last[key] for key in BEST_EXTRAS if key in last}}
         if loop_state.batch or time.monotonic() - self.written_at >= self.min_interval_s:
             self.writer.submit(last, self.folder / LAST)
             if best is not None:

@@ -53,14 +53,22 @@ def _device(module: nn.Module) -> torch.device:
 def predict(module: nn.Module, loader, device: torch.device, precision: str = "32", channels_last: bool = False) -> Predictions:
     """Every batch of `loader` through `module` in eval mode under `torch.inference_mode()`."""
     was_training = module.training
-    module.eval()
+    _set_training(module, False)
     logits, targets = [], []
     with torch.inference_mode():
         for x, y in loader:
             logits.append(forward_logits(module, x.to(device), device, precision, channels_last).float().cpu())
             targets.append(y.cpu())
-    module.train(was_training)
+    _set_training(module, was_training)
     return Predictions(torch.cat(logits), torch.cat(targets))
+
+
+def _set_training(module: nn.Module, training: bool) -> None:
+    """`module.train(training)`; a model loaded from torch.export's format (traced in eval mode) refuses the call."""
+    try:
+        module.train(training)
+    except (NotImplementedError, RuntimeError):
+        pass
 
 
 def per_class_csv(splits: dict[str, Predictions], classes: Sequence[str]) -> str:

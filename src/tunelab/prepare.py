@@ -79,7 +79,7 @@ def prepare(cfg: DictConfig, device: torch.device, dist: distributed.Context = d
     model.to(device)
     if cfg.trainer.channels_last:
         model.to(memory_format=torch.channels_last)
-    loss_fn = _loss(cfg.loss, splits, device)
+    loss_fn = build_loss(cfg.loss, splits, device)
 
     trained, fit_train, fit_val = model, train_loader, val_loader
     if cfg.freeze.cache_features:
@@ -93,7 +93,7 @@ def prepare(cfg: DictConfig, device: torch.device, dist: distributed.Context = d
     return Prepared(splits, model, plan, trained, fit_train, fit_val, loss_fn, image_size, test_loader, tuple(spec.mean), tuple(spec.std))
 
 
-def _loss(loss_cfg: DictConfig, splits: data_lib.Splits, device: torch.device) -> torch.nn.Module:
+def build_loss(loss_cfg: DictConfig, splits: data_lib.Splits, device: torch.device) -> torch.nn.Module:
     """The configured loss; `loss.class_weights=balanced` weighs each class by its inverse frequency
     in the training split (scikit-learn's "balanced" class weights)."""
     weights = loss_cfg.get("class_weights")

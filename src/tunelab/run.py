@@ -30,12 +30,13 @@ from tunelab.callbacks.signals import StopFlag, StopSignal, graceful_stop
 from tunelab.checks import check_config
 from tunelab.environment import limit_threads_for_parallel_jobs, seed_everything, select_device
 from tunelab.errors import build, require
+from tunelab.inference import ModelInfo
 from tunelab.loop import History, Interrupted, LoopOptions, LoopState, fit
 from tunelab.optimizers import optimizer_factory
 from tunelab.prepare import Prepared, prepare
 from tunelab.schedules import build_schedule
 from tunelab.tracking import NullLogger, flatten
-from tunelab.tracking.tags import run_tags
+from tunelab.tracking.tags import parent_run_id, run_tags, ui_lines
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +187,20 @@ def _checkpoint_contents(run: Run, prepared: Prepared, training: Training) -> di
     return {
         "model": prepared.model.state_dict(), "optimizer": training.optimizer.state_dict(), "schedule": training.schedule.state_dict(),
         "scaler": training.scaler.state_dict(), "frozen": prepared.plan.frozen, "run_id": run.logger.run_id, "config": run.params,
-        "lr_used": training.lr,
+        "lr_used": training.lr, "model_info": model_info(run.cfg, prepared).to_dict(),
     }
+
+
+#: The data options held as tensors, resized to a square once (the others resize the shorter side and crop).
+_SQUARE_DATA = ("tunelab.data.digits", "tunelab.data.fake")
+
+
+def model_info(cfg: DictConfig, prepared: Prepared) -> ModelInfo:
+    """What the trained model needs to be used on new images: its classes and preprocessing."""
+    resize = "square" if cfg.data.dataset._target_ in _SQUARE_DATA else "shorter_side"
+    data = str(cfg.data.dataset._target_).rsplit(".", 1)[-1]
+    return ModelInfo(list(prepared.splits.classes), prepared.image_size, tuple(prepared.mean), tuple(prepared.std), resize,
+                     OmegaConf.to_container(cfg.model, resolve=True), data)
 
 
 def _find(listed: list, kind):
@@ -285,6 +298,8 @@ def _fit(run: Run, prepared: Prepared, training: Training, listed: list) -> floa
         checkpoints.drop_after_success(run.run_dir, t.keep_checkpoints)
     best = state.history.best(cfg.monitor)
     log.info("Best %s: %.4f%s", cfg.monitor, best, f" (run folder {run.run_dir})" if run.run_dir else "")
+    if run.logger.run_id and run.logger.experiment_id and not parent_run_id():  # a sweep prints its parent's link at its end
+        print("\n".join(ui_lines(run.logger.uri, run.logger.experiment_id, run.logger.run_id, f"MLflow run {run.logger.run_id}")))
     return best
 
 
@@ -296,7 +311,8 @@ def _end(run: Run, prepared: Prepared, training: Training, listed: list, status:
         if run.dist.is_main:  # those checkpoints are written meanwhile
             tested = _find(listed, HeldOutTest)
             chosen = tested.model if tested is not None and tested.model is not None else prepared.model  # the weights monitor chose
-            _log_results(run.logger, training.state.history, training.steps_per_epoch, chosen if status == "FINISHED" else None, prepared.splits)
+            _log_results(run.logger, training.state.history, training.steps_per_epoch, chosen if status == "FINISHED" else None,
+                         prepared.splits, model_info(run.cfg, prepared))
     finally:
         try:
             if saver is not None:
@@ -352,7 +368,7 @@ def flat_config(cfg: DictConfig) -> dict:
     return flatten(OmegaConf.to_container(cfg, resolve=True))
 
 
-def _log_results(logger, history: History, steps_per_epoch: int, model, splits) -> None:
+def _log_results(logger, history: History, steps_per_epoch: int, model, splits, info: ModelInfo) -> None:
     """The LR curve always (a failed run keeps it); the model only on success. With MLflow's
     helper process (`logger=mlflow`) the curve is drawn there while the model is logged here."""
     if history.lrs:
@@ -360,4 +376,4 @@ def _log_results(logger, history: History, steps_per_epoch: int, model, splits) 
     if model is not None and logger.log_model_enabled:
         model.cpu().eval()
         example = torch.stack([splits.val[i][0] for i in range(min(2, len(splits.val)))]).numpy()
-        logger.log_model(model, example)
+        logger.log_model(model, example, info)

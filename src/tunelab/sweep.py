@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 
 from tunelab import folders  # noqa: F401  (a job in a worker process, joblib's or submitit's, resolves the sweep folder)
 from tunelab.tracking.store import open_store, resolve_tracking_uri
-from tunelab.tracking.tags import ERROR_TAG, JOB_DIR_TAG, PARENT_ENV, PARENT_FILE, SWEEP_TAG, parent_run_id, process_tags, run_tags
+from tunelab.tracking.tags import ERROR_TAG, JOB_DIR_TAG, PARENT_ENV, PARENT_FILE, SWEEP_TAG, parent_run_id, process_tags, run_tags, ui_lines
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class MlflowSweepCallback(Callback):
         self.parent_id: str | None = None
         self.client = None
         self.uri = None
+        self.experiment_id = None
         self._signals: list[int] = []
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -79,6 +80,7 @@ class MlflowSweepCallback(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         self.client, experiment_id, self.uri = _client_and_experiment(config.logger)
+        self.experiment_id = experiment_id
         overrides = " ".join(config.hydra.overrides.task)
         tags = {**process_tags(), SWEEP_TAG: "true", "overrides": overrides or "(none)", "tunelab.sweep_dir": str(sweep_dir.resolve())}
         run = self.client.create_run(experiment_id, tags=tags, run_name=f"sweep {sweep_dir.name}: {overrides}"[:250])
@@ -101,7 +103,9 @@ class MlflowSweepCallback(Callback):
             global _failed
             _failed = max(_failed, sum(not row.ok for row in report.rows))
             print(report.summary())
-            print(f"\nComparison: {report.png}\n            {report.markdown}\nLook at the runs:  mlflow ui --backend-store-uri {self.uri}")
+            print(f"\nComparison: {report.png}\n            {report.markdown}")
+            self._register(report, config)
+            print("\n".join(ui_lines(self.uri, self.experiment_id, self.parent_id, f"Sweep parent run {self.parent_id}")))
         except Exception:
             status = "FAILED"
             log.exception("Could not build the sweep's comparison")
@@ -111,6 +115,20 @@ class MlflowSweepCallback(Callback):
             for signum in self._signals:
                 signal.signal(signum, signal.SIG_DFL)
             self._signals = []
+
+    def _register(self, report, config: DictConfig) -> None:
+        """The winner into the Model Registry (tunelab.registry); a failure there is reported, not raised:
+        the comparison is already stored."""
+        from tunelab.registry import champion_uri, register_winner
+
+        try:
+            version = register_winner(self.client, self.uri, report, self.parent_id, config.logger)
+        except Exception as err:
+            log.error("Could not register the winner in the Model Registry: %s", str(err).splitlines()[0][:300])
+            return
+        if version is not None:
+            name = config.logger.get("registered_model_name") or config.logger.experiment_name
+            print(f"Registered the winner as {name} version {version}, alias champion:  {champion_uri(name)}")
 
     def _exit_on_signals(self) -> None:
         """Turn SIGTERM/SIGHUP into SystemExit in the launching process, so that `atexit` ends the

@@ -51,8 +51,11 @@ def _check_image_root(root: str | None, key: str = "data.dataset.root") -> Path:
     return path
 
 
-def _drop_unreadable(dataset, skip: bool) -> int:
-    """Open every image once (header and integrity check); name the first bad file, or drop them all."""
+def _drop_unreadable(dataset, skip: bool, key: str = "data.dataset.root", lines: dict[str, int] | None = None) -> int:
+    """Open every image once (header and integrity check); name the first bad file, or drop them all.
+
+    The error starts with `key`, and with the file's line in a CSV when `lines` maps files to lines.
+    """
     from PIL import Image
 
     good, bad = [], []
@@ -66,7 +69,8 @@ def _drop_unreadable(dataset, skip: bool) -> int:
     if bad and not skip:
         path, err = bad[0]
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise ConfigError(f"data.dataset.root: cannot read image {path}{more}: {err}. Remove it, or skip such files with data.dataset.skip_bad_files=true")
+        at = f", line {lines[path]}" if lines else ""
+        raise ConfigError(f"{key}{at}: cannot read image {path}{more}: {err}. Remove it, or skip such files with data.dataset.skip_bad_files=true")
     if bad:
         log.warning("Skipped %d unreadable images (data.dataset.skip_bad_files=true), e.g. %s", len(bad), bad[0][0])
         dataset.samples = dataset.imgs = good

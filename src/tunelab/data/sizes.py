@@ -6,6 +6,7 @@ import math
 import os
 from pathlib import Path
 
+from tunelab.data.csv_files import csv_rows
 from tunelab.data.splits import split_counts
 from tunelab.data.tensors import digits_arrays
 
@@ -40,4 +41,9 @@ def train_size(dataset_cfg) -> int | None:
             return _images_under(root / "train")
         if root.is_dir():
             return split_counts(_images_under(root), *fractions)[0]
+    if target == "tunelab.data.csv_images" and dataset_cfg.get("path"):
+        rows = csv_rows(dataset_cfg.path)
+        if rows[0].split is not None:
+            return sum(1 for row in rows if row.split == "train")
+        return split_counts(len(rows), *fractions)[0]
     return None

@@ -17,10 +17,14 @@ log = logging.getLogger(__name__)
 
 
 def mlflow_logger(tracking_uri: str | None, experiment_name: str, run_name: str | None = None, log_model: bool = True,
-                  in_process: bool = False):
+                  in_process: bool = False, register: bool = True, registered_model_name: str | None = None):
     """The logger `logger=mlflow` builds: MLflow's work done by a helper process (`ProcessLogger`), or
-    by threads of the training process with `logger.in_process=true` (`MlflowLogger`)."""
+    by threads of the training process with `logger.in_process=true` (`MlflowLogger`). `register` and
+    `registered_model_name` are checked here and used at the end of a sweep (tunelab.registry)."""
     require(isinstance(in_process, bool), f"logger.in_process={in_process!r} must be true or false")
+    require(isinstance(register, bool), f"logger.register={register!r} must be true or false")
+    require(registered_model_name is None or (isinstance(registered_model_name, str) and registered_model_name.strip()),
+            f"logger.registered_model_name={registered_model_name!r} must be a name, or null for the experiment's name")
     args = (tracking_uri, experiment_name, run_name, log_model)
     if log_model is not False:
         PackageScan.start()  # started by train.py already; this is for train() called from Python

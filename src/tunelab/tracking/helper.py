@@ -138,7 +138,7 @@ def _serve(inbox: int, outbox: int, training_pid: int) -> None:
             else:
                 value = getattr(logger, op)(*args)
                 if op in ("start", "resume"):
-                    value = (logger.run_id, logger.uri)
+                    value = (logger.run_id, logger.uri, logger.experiment_id)
                 if op == "finish" and deferred is not None:
                     raise ReportedError(f"MLflow could not store all of run {logger.run_id} ({deferred})")
                 if number:  # 0: sent without waiting for a reply

@@ -84,6 +84,9 @@ class NullLogger:
     """Tracking off: every call does nothing, so the loop needs no `if logger` checks."""
 
     run_id: str | None = None
+    #: The run's experiment and the store's URI, once the run has started (for the link to the UI).
+    experiment_id: str | None = None
+    uri: str | None = None
     log_model_enabled = False
 
     def connect_in_background(self) -> None:
@@ -122,7 +125,7 @@ class NullLogger:
     def log_test_figures(self, figures) -> None:
         pass
 
-    def log_model(self, model, input_example) -> None:
+    def log_model(self, model, input_example, info=None) -> None:
         pass
 
     def finish(self, status: str) -> None:
@@ -204,6 +207,7 @@ class MlflowLogger(NullLogger):
         from mlflow.entities import Param
 
         tags = {**process_tags(), **tags, **({"mlflow.runName": self.run_name} if self.run_name else {})}
+        self.experiment_id = experiment_id
         run = self._client.create_run(experiment_id, tags=tags)
         self.run_id = run.info.run_id
         values = {k: str(v)[:_PARAM_VALUE_LIMIT] for k, v in params.items()}
@@ -218,7 +222,7 @@ class MlflowLogger(NullLogger):
             run = self._client.get_run(run_id)
         except Exception:
             raise ConfigError(f"trainer.resume: the checkpoint's MLflow run {run_id} is not in {self.uri}") from None
-        self.run_id = run_id
+        self.run_id, self.experiment_id = run_id, run.info.experiment_id
         self._skip = {key: max(m.step for m in self._client.get_metric_history(run_id, key)) for key in run.data.metrics}
         self._client.update_run(run_id, status="RUNNING")
         self._client.set_tag(run_id, "tunelab.pid", str(training_pid()))
@@ -284,8 +288,9 @@ class MlflowLogger(NullLogger):
             for figure in drawn.values():
                 pyplot().close(figure)
 
-    def log_model(self, model, input_example) -> None:
-        log_pytorch_model(self.uri, self.run_id, model, input_example)
+    def log_model(self, model, input_example, info=None) -> None:
+        """The model as `model`; with a `ModelInfo`, one that classifies images (tunelab.serving)."""
+        log_pytorch_model(self.uri, self.run_id, model, input_example, info)
 
     def store_call(self, name: str, args: tuple, kwargs: dict):
         """One method of this logger's tracking store, called for `HelperStore` in the training process."""

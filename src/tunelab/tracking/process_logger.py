@@ -47,12 +47,12 @@ class ProcessLogger(NullLogger):
 
     def start(self, params: Mapping[str, Any], tags: Mapping[str, str]) -> None:
         self.connect_in_background()
-        self.run_id, self.uri = self._helper.call("start", dict(params), dict(tags))
+        self.run_id, self.uri, self.experiment_id = self._helper.call("start", dict(params), dict(tags))
         log.info("MLflow run %s in experiment '%s' at %s", self.run_id, self.experiment_name, self.uri)
 
     def resume(self, run_id: str) -> None:
         self.connect_in_background()
-        self.run_id, self.uri = self._helper.call("resume", run_id)
+        self.run_id, self.uri, self.experiment_id = self._helper.call("resume", run_id)
         log.info("Continuing MLflow run %s at %s", run_id, self.uri)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
@@ -88,10 +88,10 @@ class ProcessLogger(NullLogger):
     def log_artifact(self, path: str | Path) -> None:
         self._helper.call("log_artifact", str(Path(path).resolve()))
 
-    def log_model(self, model, input_example) -> None:
+    def log_model(self, model, input_example, info=None) -> None:
         """Logged here, where the model is, through the helper's open store where MLflow can be told
         to use it (`HelperStore`): opening a database store here would import its SQL layer anew."""
-        log_pytorch_model(helper_store_uri(self.uri), self.run_id, model, input_example)
+        log_pytorch_model(helper_store_uri(self.uri), self.run_id, model, input_example, info)
 
     def finish(self, status: str) -> None:
         if self.run_id is None:

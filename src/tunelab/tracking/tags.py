@@ -149,3 +149,24 @@ def _sweep_folder(hydra_cfg: DictConfig) -> Path:
     job_dir = Path(str(hydra_cfg.runtime.output_dir))
     levels = len(Path(str(hydra_cfg.sweep.subdir)).parts)
     return job_dir.parents[levels - 1] if levels else job_dir
+
+
+#: Where `mlflow ui` listens by default.
+UI_ADDRESS = "http://127.0.0.1:5000"
+
+
+def ui_link(uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in MLflow's UI, in its training view: MLflow 3 otherwise opens an experiment in
+    its GenAI overview. The UI is the server itself for an http(s) store, else `mlflow ui`'s address."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_ADDRESS
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
+def ui_lines(uri: str, experiment_id: str, run_id: str, what: str) -> list[str]:
+    """The last lines of a run or a sweep: what was logged, the command that opens the UI on this
+    store (none for a server) and the direct link."""
+    lines = [what]
+    if not uri.startswith(("http://", "https://")):
+        lines.append(f"Open the MLflow UI:  mlflow ui --backend-store-uri {uri}")
+    lines.append(f"then:                {ui_link(uri, experiment_id, run_id)}")
+    return lines

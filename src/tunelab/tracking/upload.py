@@ -1,4 +1,4 @@
-"""The model upload: `mlflow.pytorch.log_model` into a run, with pinned pip requirements and the
+"""The model upload: torch's model with tunelab's image-classifying pyfunc flavor (tunelab.serving) into a run, with pinned pip requirements and the
 installed packages' map scanned beforehand by a process of its own (`PackageScan`)."""
 
 from __future__ import annotations
@@ -92,9 +92,12 @@ class PackageScan:
             importlib_metadata.packages_distributions = original
 
 
-def log_pytorch_model(uri: str, run_id: str, model, input_example) -> None:
-    """`mlflow.pytorch.log_model(name="model")` into run `run_id` of the store at `uri`, with
-    explicit pip requirements (MLflow's own inference of them takes about 10 s).
+def log_pytorch_model(uri: str, run_id: str, model, input_example, info=None) -> None:
+    """The model as `name="model"` into run `run_id` of the store at `uri`: torch's model
+    (`mlflow.pytorch`, loadable with `mlflow.pytorch.load_model`) whose `python_function` flavor
+    classifies images with the `ModelInfo` `info` (tunelab.serving; without `info`, MLflow's plain
+    pytorch model, whose pyfunc takes preprocessed tensors), with explicit pip requirements
+    (MLflow's own inference of them takes about 10 s).
 
     MLflow's safe `pt2` format (torch.export, traced on `input_example`, which should hold at
     least two images so the batch size stays dynamic) is tried first. MLflow's optional check of
@@ -102,20 +105,22 @@ def log_pytorch_model(uri: str, run_id: str, model, input_example) -> None:
     is skipped there: it was a fifth of the upload's time, and on a GPU machine it loaded the
     CPU-saved model on CUDA and failed. A model torch.export cannot trace is saved in the pickle
     format instead, with a warning; MLflow loads that only with
-    MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true. The check stays on for it, because MLflow passes
-    the pickle format's extra arguments on to torch.save, which rejects that one.
+    MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true.
     """
     import mlflow
     import mlflow.pytorch
+    from mlflow.models import Model
 
-    with _fluent_api_at(uri), PackageScan.used():
+    from tunelab import serving
+
+    with fluent_api_at(uri), PackageScan.used():
         with mlflow.start_run(run_id=run_id):
-            requirements = pip_requirements()
+            common = dict(artifact_path=None, name="model", flavor=serving if info is not None else mlflow.pytorch, pytorch_model=model,
+                          input_example=input_example, pip_requirements=pip_requirements())
+            if info is not None:
+                common["info"] = info
             try:
-                mlflow.pytorch.log_model(
-                    model, name="model", input_example=input_example, pip_requirements=requirements, serialization_format="pt2",
-                    validate_serving_input=False,
-                )
+                Model.log(**common, serialization_format="pt2", validate_serving_input=False)
                 return
             except Exception as err:
                 log.warning(
@@ -125,11 +130,11 @@ def log_pytorch_model(uri: str, run_id: str, model, input_example) -> None:
                 failed = mlflow.last_logged_model()  # the attempt left a FAILED model entry in the run
                 if failed is not None and failed.source_run_id == run_id and failed.status == "FAILED":
                     mlflow.MlflowClient().delete_logged_model(failed.model_id)
-            mlflow.pytorch.log_model(model, name="model", input_example=input_example, pip_requirements=requirements, serialization_format="pickle")
+            Model.log(**common, serialization_format="pickle")
 
 
 @contextmanager
-def _fluent_api_at(uri: str):
+def fluent_api_at(uri: str):
     """MLflow's fluent API (`mlflow.start_run`, `mlflow.pytorch.log_model`) logs to `uri` within the block.
 
     It logs to `mlflow.set_tracking_uri`'s setting, else to MLFLOW_TRACKING_URI. Both are as they
