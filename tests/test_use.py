@@ -226,6 +226,17 @@ def test_a_csv_data_set_evaluates_as_predict_classifies_it(digits_run, tmp_path)
     with open(out) as f:
         predicted = [row["class"] for row in csv.DictReader(f)]
     assert scored == pytest.approx(np.mean([p == r[1] for p, r in zip(predicted, test_rows)]), abs=1e-12)
+    # without a split column: the rows are split three ways (the test rows by data.split_seed), then scored
+    (tmp_path / "unsplit.csv").write_text("path,label\n" + "".join(f"{r[0]},{r[1]}\n" for r in rows))
+    code = evaluate.main(["--run", run.info.run_id, "--tracking-uri", uri, "--new-run", "--out", str(tmp_path / "u"),
+                          "data=csv", f"data.dataset.path={tmp_path / 'unsplit.csv'}"])
+    assert code == 0
+    with open(tmp_path / "u" / "per_class.csv") as f:
+        supports = {row["class"]: int(row["support"]) for row in csv.DictReader(f)}
+    from tunelab.data import csv_images
+
+    expected = csv_images(str(tmp_path / "unsplit.csv"), 32, models.IMAGENET_MEAN, models.IMAGENET_STD, seed=0).test
+    assert sum(supports.values()) == len(expected) < len(rows) and supports["1"] > 0 and supports["4"] > 0
 
 
 def test_predict_and_evaluate_refuse_bad_input_in_one_paragraph(tmp_path, capsys):

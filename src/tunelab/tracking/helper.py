@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import queue
 import threading
 from typing import Any, Mapping
 
@@ -103,6 +104,43 @@ def running_helper() -> _Helper | None:
     return _helper if _helper is not None and _helper.alive() else None
 
 
+#: The calls the helper hands to its drawing thread (sent without a reply): matplotlib's work.
+DRAWN = ("log_lr_curves", "log_test_figures")
+
+
+class _Drawer:
+    """A thread of the helper process that draws and stores the figures (the DRAWN calls), so that
+    the store calls the training process makes meanwhile (its model upload goes through this
+    process's store, `HelperStore`) are answered at once instead of waiting behind matplotlib.
+    `wait` returns when every figure handed over is stored, with the first error, if any."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue = queue.Queue()
+        self.error: str | None = None
+        self.thread: threading.Thread | None = None
+
+    def submit(self, logger, op: str, args: tuple) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="tunelab-figures", daemon=True)
+            self.thread.start()
+        self.queue.put((logger, op, args))
+
+    def _run(self) -> None:
+        while True:
+            logger, op, args = self.queue.get()
+            try:
+                getattr(logger, op)(*args)
+            except BaseException as err:
+                self.error = self.error or f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+            finally:
+                self.queue.task_done()
+
+    def wait(self) -> str | None:
+        self.queue.join()
+        error, self.error = self.error, None
+        return error
+
+
 def _serve(inbox: int, outbox: int, training_pid: int) -> None:
     """The helper process's loop: each message from the pipe `inbox` is a call on the current
     MlflowLogger; replies go to the pipe `outbox`."""
@@ -120,11 +158,12 @@ def _serve(inbox: int, outbox: int, training_pid: int) -> None:
             importlib.import_module(module)
     except Exception:
         pass  # the first call reports what is missing
-    logger, deferred = None, None
+    logger, deferred, drawer = None, None, _Drawer()
     while True:
         try:
             op, number, args = receive.recv()
         except (EOFError, OSError):  # the training process has ended (every run it finished is stored)
+            drawer.wait()
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)  # skip tearing down MLflow's modules: the training process waits for this exit
@@ -135,7 +174,11 @@ def _serve(inbox: int, outbox: int, training_pid: int) -> None:
                 for metrics, step in args[0]:
                     logger.log_metrics(metrics, step)
                 logger.flush()
+            elif op in DRAWN and not number:
+                drawer.submit(logger, op, args)
             else:
+                if op == "finish":  # the run's figures are stored before it ends
+                    deferred = deferred or drawer.wait()
                 value = getattr(logger, op)(*args)
                 if op in ("start", "resume"):
                     value = (logger.run_id, logger.uri, logger.experiment_id)

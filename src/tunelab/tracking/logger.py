@@ -281,9 +281,12 @@ class MlflowLogger(NullLogger):
         drawn = figures.draw()
         try:
             for name, figure in drawn.items():
-                self.log_figure(figure, name)
-                if figures.folder is not None:
-                    figure.savefig(Path(figures.folder) / name, dpi=110)
+                if figures.folder is None:
+                    self.log_figure(figure, name)
+                    continue
+                path = Path(figures.folder) / name
+                figure.savefig(path, dpi=110)  # rendered once: the run folder's file is the artifact
+                self.log_artifact(path)
         finally:
             for figure in drawn.values():
                 pyplot().close(figure)
