@@ -36,19 +36,20 @@ def register_winner(client, uri: str, comparison, parent_id: str, logger_cfg) ->
     winner = ranked[0]
     best = max(winner.finished, key=lambda row: row.best)
     name = logger_cfg.get("registered_model_name") or logger_cfg.experiment_name
-    run = client.get_run(best.run_id)
-    if not trained.has_logged_model(client, run):
+    model_id = trained.logged_model_id(client, client.get_run(best.run_id))
+    if model_id is None:
         found = trained.from_run(best.run_id, torch.device("cpu"), client)  # its best.pt
         info = found.classifier.info
         log.info("Logging the winner's best.pt into its run %s, to register it", best.run_id)
         log_pytorch_model(uri, best.run_id, found.classifier.module, info.example(), info)
+        model_id = trained.logged_model_id(client, client.get_run(best.run_id))
     tags = {"tunelab.sweep_run": parent_id, "tunelab.configuration": report.label(winner), f"best {METRIC}": f"{best.best:.6f}"}
     if best.test_acc == best.test_acc:  # not NaN
         tags[TEST_METRIC] = f"{best.test_acc:.6f}"
     import mlflow
 
     with fluent_api_at(uri):
-        version = mlflow.register_model(f"runs:/{best.run_id}/model", name, tags=tags).version
+        version = mlflow.register_model(f"models:/{model_id}", name, tags=tags).version
     client.set_registered_model_alias(name, CHAMPION, version)
     return str(version)
 

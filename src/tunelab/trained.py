@@ -7,6 +7,7 @@ classes and preprocessing) and, where known, the run it came from and that run's
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def from_run(run_id: str, device: torch.device, client) -> Trained:
         run = client.get_run(run_id)
     except MlflowException:
         raise ConfigError(f"--run {run_id}: no such run in {client.tracking_uri}") from None
-    if has_logged_model(client, run):
+    if logged_model_id(client, run) is not None:
         return from_uri(f"runs:/{run_id}/model", device, client)
     folder = run.data.tags.get(JOB_DIR_TAG) or run.data.params.get("trainer.checkpoint_dir")
     best = Path(folder) / checkpoints.BEST if folder else None
@@ -99,8 +100,8 @@ def load(source: str, device: torch.device, client) -> Trained:
     return from_run(source, device, client)
 
 
-def has_logged_model(client, run) -> bool:
-    """Whether the run holds a logged model named `model` that finished uploading."""
+def logged_model_id(client, run) -> str | None:
+    """The id of the run's logged model named `model` that finished uploading, None when it has none."""
     outputs = run.outputs.model_outputs if run.outputs is not None else []
     for output in outputs or []:
         try:
@@ -108,8 +109,8 @@ def has_logged_model(client, run) -> bool:
         except Exception:
             continue
         if model.name == "model" and str(model.status).endswith("READY"):
-            return True
-    return False
+            return model.model_id
+    return None
 
 
 def _run_config(client, run_id: str | None) -> DictConfig | None:
@@ -119,10 +120,25 @@ def _run_config(client, run_id: str | None) -> DictConfig | None:
     if not run_id:
         return None
     try:
-        with tempfile.TemporaryDirectory() as folder:
+        with tempfile.TemporaryDirectory() as folder, _no_progress_bar():  # one small file: no bar
             return OmegaConf.load(client.download_artifacts(run_id, "config.yaml", folder))
     except Exception:
         return None
+
+
+@contextmanager
+def _no_progress_bar():
+    import os
+
+    previous = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = previous
 
 
 def unflatten(flat: dict) -> dict:
