@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from tunelab.data.files import _drop_unreadable, _folder_transforms, _with_transform
-from tunelab.data.splits import Splits, log_class_counts, select, three_way_split
+from tunelab.data.files import drop_unreadable, folder_transforms, split_whole, with_transform
+from tunelab.data.splits import Splits, log_class_counts, select
 from tunelab.errors import ConfigError, require
 
 log = logging.getLogger(__name__)
@@ -175,16 +174,13 @@ def csv_images(
     classes = sorted({row.label for row in rows})
     index = {name: i for i, name in enumerate(classes)}
     whole = CsvImages(_csv_file(path), [(row.file, index[row.label]) for row in rows], classes,
-                      _folder_transforms(image_size, mean, std, augment))
-    skipped = _drop_unreadable(whole, skip_bad_files, shown, {row.file: row.line for row in rows})
-    plain = _with_transform(whole, _folder_transforms(image_size, mean, std, False))
+                      folder_transforms(image_size, mean, std, augment))
+    skipped = drop_unreadable(whole, skip_bad_files, shown, {row.file: row.line for row in rows})
+    plain = with_transform(whole, folder_transforms(image_size, mean, std, False))
     if rows[0].split is not None:
         splits = _given_splits(whole, plain, rows, shown, skipped)
     else:
         _require_every_class(whole, "rows", shown, skipped)
-        train_idx, val_idx, test_idx = (torch.as_tensor(i) for i in three_way_split(
-            np.asarray(whole.targets), val_fraction, test_fraction, seed, split_seed))
-        splits = Splits(select(whole, [whole], train_idx), select(plain, [whole], val_idx), classes,
-                        select(plain, [whole], test_idx))
+        splits = split_whole(whole, plain, val_fraction, test_fraction, seed, split_seed)
     log_class_counts(splits)
     return splits

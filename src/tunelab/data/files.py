@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 SPLIT_FOLDERS = ("train", "val", "test")
 
 
-def _folder_transforms(image_size: int, mean, std, augment: bool):
+def folder_transforms(image_size: int, mean, std, augment: bool):
     from torchvision import transforms as T
 
     if augment:
@@ -33,7 +33,7 @@ def _folder_transforms(image_size: int, mean, std, augment: bool):
     return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
 
 
-def _with_transform(dataset, transform):
+def with_transform(dataset, transform):
     """A shallow copy of `dataset` that applies `transform` (the same files, nothing decoded)."""
     other = copy.copy(dataset)
     other.transform = transform
@@ -51,7 +51,7 @@ def _check_image_root(root: str | None, key: str = "data.dataset.root") -> Path:
     return path
 
 
-def _drop_unreadable(dataset, skip: bool, key: str = "data.dataset.root", lines: dict[str, int] | None = None) -> int:
+def drop_unreadable(dataset, skip: bool, key: str = "data.dataset.root", lines: dict[str, int] | None = None) -> int:
     """Open every image once (header and integrity check); name the first bad file, or drop them all.
 
     The error starts with `key`, and with the file's line in a CSV when `lines` maps files to lines.
@@ -86,7 +86,7 @@ def _image_folder(path: Path, root, transform, skip_bad_files: bool, where: str)
         dataset = ImageFolder(path, transform=transform)
     except FileNotFoundError as err:
         raise ConfigError(f"data.dataset.root={root}: {err}") from None
-    skipped = _drop_unreadable(dataset, skip_bad_files)
+    skipped = drop_unreadable(dataset, skip_bad_files)
     empty = sorted(set(dataset.classes) - {dataset.classes[t] for t in dataset.targets})
     require(not empty, f"data.dataset.root={root}: {where} has no readable images for the classes {', '.join(empty)}"
             + (f" ({skipped} skipped)" if skipped else ""))
@@ -105,6 +105,15 @@ def _split_folders(path: Path, root, train_tf, plain_tf, skip_bad_files: bool) -
                     "%s/<class>/, or give a root of class folders only and tunelab splits it (data.dataset.test_fraction)",
                     root, path / "test")
     return Splits(sets["train"], sets["val"], list(sets["train"].classes), sets.get("test"))
+
+
+def split_whole(whole, plain, val_fraction: float, test_fraction: float, seed: int, split_seed: int) -> Splits:
+    """A file-backed set split stratified into train, val and test (`three_way_split`: the test files
+    drawn first by `split_seed`); `plain` is `whole` with the transform of val and test."""
+    train_idx, val_idx, test_idx = (torch.as_tensor(i) for i in three_way_split(
+        np.asarray(whole.targets), val_fraction, test_fraction, seed, split_seed))
+    return Splits(select(whole, [whole], train_idx), select(plain, [whole], val_idx), list(whole.classes),
+                  select(plain, [whole], test_idx))
 
 
 def image_folder(
@@ -131,17 +140,13 @@ def image_folder(
     counted with `skip_bad_files=True`. Only training images are augmented.
     """
     path = _check_image_root(root)
-    train_tf = _folder_transforms(image_size, mean, std, augment)
-    plain_tf = _folder_transforms(image_size, mean, std, False)
+    train_tf = folder_transforms(image_size, mean, std, augment)
+    plain_tf = folder_transforms(image_size, mean, std, False)
     if (path / "train").is_dir():
         splits = _split_folders(path, root, train_tf, plain_tf, skip_bad_files)
     else:
         whole = _image_folder(path, root, train_tf, skip_bad_files, "the folder")
-        train_idx, val_idx, test_idx = (torch.as_tensor(i) for i in three_way_split(
-            np.asarray(whole.targets), val_fraction, test_fraction, seed, split_seed))
-        plain = _with_transform(whole, plain_tf)
-        splits = Splits(select(whole, [whole], train_idx), select(plain, [whole], val_idx), list(whole.classes),
-                        select(plain, [whole], test_idx))
+        splits = split_whole(whole, with_transform(whole, plain_tf), val_fraction, test_fraction, seed, split_seed)
     log_class_counts(splits)
     return splits
 
@@ -165,9 +170,9 @@ def cifar10(
 
     ok = isinstance(val_fraction, (int, float)) and not isinstance(val_fraction, bool) and 0.0 < val_fraction < 1.0
     require(ok, f"data.dataset.val_fraction must be a fraction in (0, 1), got {val_fraction!r}")
-    plain_tf = _folder_transforms(image_size, mean, std, False)
+    plain_tf = folder_transforms(image_size, mean, std, False)
     try:
-        whole = CIFAR10(root, train=True, download=download, transform=_folder_transforms(image_size, mean, std, augment))
+        whole = CIFAR10(root, train=True, download=download, transform=folder_transforms(image_size, mean, std, augment))
         test = CIFAR10(root, train=False, download=download, transform=plain_tf)
     except RuntimeError:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
         raise ConfigError(
@@ -177,6 +182,6 @@ def cifar10(
     labels = np.asarray(whole.targets)
     train_idx, val_idx = stratified_split(np.arange(len(labels)), labels, seed, test_size=val_fraction)
     splits = Splits(select(whole, [whole], torch.as_tensor(train_idx)),
-                    select(_with_transform(whole, plain_tf), [whole], torch.as_tensor(val_idx)), list(whole.classes), test)
+                    select(with_transform(whole, plain_tf), [whole], torch.as_tensor(val_idx)), list(whole.classes), test)
     log_class_counts(splits)
     return splits
