@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunelab.data.files import folder_transforms
 from tunelab.errors import ConfigError, require
 
 #: The key of `ModelInfo` in a checkpoint and in a logged model's MLflow metadata.
@@ -69,11 +71,8 @@ class ModelInfo:
 
     def transform(self, image) -> torch.Tensor:
         """One PIL image -> the normalized CHW float tensor the model was validated on."""
-        if self.resize == "shorter_side":
-            from torchvision import transforms as T
-
-            steps = T.Compose([T.Resize(self.image_size), T.CenterCrop(self.image_size), T.ToTensor(), T.Normalize(self.mean, self.std)])
-            return steps(image.convert("RGB"))
+        if self.resize == "shorter_side":  # the file-backed options' own validation transform
+            return _plain_transform(self.image_size, self.mean, self.std)(image.convert("RGB"))
         x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
         x = F.interpolate(x.unsqueeze(0), size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)[0]
         mean, std = (torch.tensor(v, dtype=x.dtype).view(-1, 1, 1) for v in (self.mean, self.std))
@@ -82,6 +81,12 @@ class ModelInfo:
     def example(self, n: int = 2) -> np.ndarray:
         """A batch of `n` preprocessed (all-zero) inputs, the shape a logged model is traced on."""
         return np.zeros((n, 3, self.image_size, self.image_size), dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _plain_transform(image_size: int, mean: tuple, std: tuple):
+    """`data.files.folder_transforms` without augmentation, built once per preprocessing."""
+    return folder_transforms(image_size, mean, std, False)
 
 
 def decode(source) -> "Image.Image":  # noqa: F821

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from tunelab import data as data_lib
 from tunelab import distributed, freezing, models
 from tunelab.errors import build, require
+from tunelab.inference import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ class Prepared:
     test_loader: object = None
     mean: tuple = ()
     std: tuple = ()
+    #: What the trained model needs to be used on new images (its classes and preprocessing).
+    info: ModelInfo | None = None
 
 
 def prepare(cfg: DictConfig, device: torch.device, dist: distributed.Context = distributed.SINGLE) -> Prepared:
@@ -90,7 +93,18 @@ def prepare(cfg: DictConfig, device: torch.device, dist: distributed.Context = d
             fit_train, fit_val = loaders(*(freezing.head_inputs(model, ds, device) for ds in (splits.train, splits.val)))
         elif plan.frozen == len(plan.stages) - 1:
             log.info("Features are not cached: %s", blocker)
-    return Prepared(splits, model, plan, trained, fit_train, fit_val, loss_fn, image_size, test_loader, tuple(spec.mean), tuple(spec.std))
+    return Prepared(splits, model, plan, trained, fit_train, fit_val, loss_fn, image_size, test_loader, tuple(spec.mean), tuple(spec.std),
+                    _model_info(cfg, splits, image_size, spec))
+
+
+#: The data options held as tensors, resized to a square once (the others resize the shorter side and crop).
+_SQUARE_DATA = ("tunelab.data.digits", "tunelab.data.fake")
+
+
+def _model_info(cfg: DictConfig, splits: data_lib.Splits, image_size: int, spec: models.InputSpec) -> ModelInfo:
+    target = str(cfg.data.dataset._target_)
+    return ModelInfo(list(splits.classes), image_size, tuple(spec.mean), tuple(spec.std), "square" if target in _SQUARE_DATA else "shorter_side",
+                     OmegaConf.to_container(cfg.model, resolve=True), target.rsplit(".", 1)[-1])
 
 
 def build_loss(loss_cfg: DictConfig, splits: data_lib.Splits, device: torch.device) -> torch.nn.Module:

@@ -187,20 +187,8 @@ def _checkpoint_contents(run: Run, prepared: Prepared, training: Training) -> di
     return {
         "model": prepared.model.state_dict(), "optimizer": training.optimizer.state_dict(), "schedule": training.schedule.state_dict(),
         "scaler": training.scaler.state_dict(), "frozen": prepared.plan.frozen, "run_id": run.logger.run_id, "config": run.params,
-        "lr_used": training.lr, "model_info": model_info(run.cfg, prepared).to_dict(),
+        "lr_used": training.lr, "model_info": prepared.info.to_dict(),
     }
-
-
-#: The data options held as tensors, resized to a square once (the others resize the shorter side and crop).
-_SQUARE_DATA = ("tunelab.data.digits", "tunelab.data.fake")
-
-
-def model_info(cfg: DictConfig, prepared: Prepared) -> ModelInfo:
-    """What the trained model needs to be used on new images: its classes and preprocessing."""
-    resize = "square" if cfg.data.dataset._target_ in _SQUARE_DATA else "shorter_side"
-    data = str(cfg.data.dataset._target_).rsplit(".", 1)[-1]
-    return ModelInfo(list(prepared.splits.classes), prepared.image_size, tuple(prepared.mean), tuple(prepared.std), resize,
-                     OmegaConf.to_container(cfg.model, resolve=True), data)
 
 
 def _find(listed: list, kind):
@@ -312,7 +300,7 @@ def _end(run: Run, prepared: Prepared, training: Training, listed: list, status:
             tested = _find(listed, HeldOutTest)
             chosen = tested.model if tested is not None and tested.model is not None else prepared.model  # the weights monitor chose
             _log_results(run.logger, training.state.history, training.steps_per_epoch, chosen if status == "FINISHED" else None,
-                         prepared.splits, model_info(run.cfg, prepared))
+                         prepared.splits, prepared.info)
     finally:
         try:
             if saver is not None:
