@@ -23,14 +23,13 @@ import sys
 from pathlib import Path
 
 import torch
+from torchvision.datasets.folder import IMG_EXTENSIONS  # the endings ImageFolder takes
 
 from tunelab import trained
 from tunelab.errors import ConfigError, ReportedError, require
 from tunelab.inference import Classifier, decode
 from tunelab.tracking import open_store, resolve_tracking_uri
 
-#: The file endings taken from a folder (torchvision's ImageFolder's list).
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 def image_paths(arguments: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -40,7 +39,7 @@ def image_paths(arguments: list[str]) -> tuple[list[Path], list[tuple[str, str]]
     for argument in arguments:
         path = Path(argument).expanduser()
         if path.is_dir():
-            paths = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            paths = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
         elif path.is_file():
             paths = [path]
         elif glob.has_magic(argument):

@@ -7,7 +7,7 @@ classes and preprocessing) and, where known, the run it came from and that run's
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from tunelab.errors import ConfigError, build, require
 from tunelab.inference import Classifier, ModelInfo
 from tunelab.serving import load_model_dir
 from tunelab.tracking.tags import JOB_DIR_TAG
-from tunelab.tracking.upload import fluent_api_at
+from tunelab.tracking.upload import environment_kept, fluent_api_at
 
 log = logging.getLogger(__name__)
 
@@ -120,25 +120,11 @@ def _run_config(client, run_id: str | None) -> DictConfig | None:
     if not run_id:
         return None
     try:
-        with tempfile.TemporaryDirectory() as folder, _no_progress_bar():  # one small file: no bar
+        with tempfile.TemporaryDirectory() as folder, environment_kept("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # one small file: no progress bar
             return OmegaConf.load(client.download_artifacts(run_id, "config.yaml", folder))
     except Exception:
         return None
-
-
-@contextmanager
-def _no_progress_bar():
-    import os
-
-    previous = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-        else:
-            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = previous
 
 
 def unflatten(flat: dict) -> dict:

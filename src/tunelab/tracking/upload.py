@@ -1,5 +1,6 @@
-"""The model upload: torch's model with tunelab's image-classifying pyfunc flavor (tunelab.serving) into a run, with pinned pip requirements and the
-installed packages' map scanned beforehand by a process of its own (`PackageScan`)."""
+"""The model upload: torch's model with tunelab's image-classifying pyfunc flavor (tunelab.serving)
+into a run, with pinned pip requirements and the installed packages' map scanned beforehand by a
+process of its own (`PackageScan`)."""
 
 from __future__ import annotations
 
@@ -145,7 +146,7 @@ def fluent_api_at(uri: str):
     """
     import mlflow
 
-    with _environment_kept("MLFLOW_TRACKING_URI"):  # mlflow.set_tracking_uri exports it too
+    with environment_kept("MLFLOW_TRACKING_URI"):  # mlflow.set_tracking_uri exports it too
         os.environ["MLFLOW_TRACKING_URI"] = uri
         previous = mlflow.get_tracking_uri()
         if previous == uri:
@@ -159,7 +160,7 @@ def fluent_api_at(uri: str):
 
 
 @contextmanager
-def _environment_kept(*names: str):
+def environment_kept(*names: str):
     """Put these environment variables back as they were (absent ones removed) after the block."""
     saved = {name: os.environ.get(name) for name in names}
     try:
