@@ -133,11 +133,15 @@ def log_scored(client, experiment_id: str, model: trained.Trained, scored: Score
     import time
 
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(key, value, now, 0) for key, value in scored.scores.items()])
-    for path in scored.files:
-        client.log_artifact(run_id, str(path), artifact_path=f"eval/{scored.name}")
-    if created:
-        client.set_terminated(run_id, "FINISHED")
+    status = "FAILED"
+    try:
+        client.log_batch(run_id, metrics=[Metric(key, value, now, 0) for key, value in scored.scores.items()])
+        for path in scored.files:
+            client.log_artifact(run_id, str(path), artifact_path=f"eval/{scored.name}")
+        status = "FINISHED"
+    finally:
+        if created:  # a run this made never stays RUNNING
+            client.set_terminated(run_id, status)
     return run_id
 
 
