@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "tunelab"
 #: The README's Architecture section describes the same table.
 LAYERS = [
     ["errors", "folders", "quick_exit", "distributed", "plots"],
-    ["data", "models", "freezing", "schedules", "checkpoints", "optimizers", "environment", "metrics", "compare_stats"],
+    ["data", "models", "freezing", "compositions", "schedules", "checkpoints", "optimizers", "environment", "metrics", "compare_stats"],
     ["checks", "prepare", "inference"],
     ["callbacks", "loop", "range_test", "predictions", "serving"],
     ["tracking"],

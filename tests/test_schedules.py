@@ -26,6 +26,7 @@ VISIBLE = {"step": ["scheduler.step_size=1"], "plateau": ["scheduler.patience=0"
 CASES = [
     (name, warmup, interval)
     for name in options("scheduler")
+    if name not in ("sequential", "chained")  # compositions: test_composition_logs_torchs_composition
     for warmup in (0.0, WARMUP)
     for interval in ("step", "epoch")
     if not (name == "plateau" and interval == "step")
@@ -55,6 +56,8 @@ def torch_reference(name: str, sched_cfg, warmup_steps: int, interval: str, val_
         "onecycle": {"max_lr": LR, "total_steps": units},
         "cyclic": {"base_lr": LR / 10, "max_lr": LR, "step_size_up": max(1, units // 4)},
         "cosine_restarts": {"T_0": max(1, units // 3)},
+        "polynomial": {"total_iters": units},
+        "linear": {"total_iters": units},
         "step": {"step_size": kw.get("step_size", 1) * per},
         "multistep": {"milestones": [EPOCHS // 2 * per, 3 * EPOCHS // 4 * per]},
     }.get(name, {})
@@ -71,10 +74,14 @@ def torch_reference(name: str, sched_cfg, warmup_steps: int, interval: str, val_
             sched.step(val_losses[done] if done < len(val_losses) else 0.0)
         else:
             sched.step()
+    return _with_warmup(main, sched_cfg.warmup_start_factor, warmup_steps, interval)
+
+
+def _with_warmup(main: list[float], f: float, warmup_steps: int, interval: str) -> list[float]:
+    """The lr per optimizer step of the whole run, from the schedule's own lr per scheduler step."""
     first = main[0]
-    f = sched_cfg.warmup_start_factor
     expected = []
-    for s in range(total):
+    for s in range(SPE * EPOCHS):
         if s < warmup_steps:
             expected.append(first * (f + (1 - f) * s / warmup_steps))
         elif interval == "step":
@@ -100,7 +107,7 @@ def test_logged_lr_equals_torch(name, warmup, interval, shared_uri, monkeypatch)
     val_losses = [v for _, v in metric_series(client, run_id, "val/loss")]
     w = int(round(warmup * SPE))
     expected = torch_reference(name, cfg.scheduler, w, interval, val_losses)
-    assert [v for _, v in logged] == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    assert [v for _, v in logged] == pytest.approx(expected, rel=1e-9, abs=1e-15)
     if name != "plateau":  # the preview steps the same schedule without data or model
         assert lr_series(cfg, steps_per_epoch(cfg)) == pytest.approx([v for _, v in logged], rel=1e-12)
 
