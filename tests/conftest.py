@@ -193,3 +193,26 @@ def stop(proc: subprocess.Popen, grace_s: float = 15) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def stop_at_check(monkeypatch, n: int) -> None:
+    """The loop's stop flag answers yes the n-th time it is asked (after every optimizer step and
+    every epoch's end), as if a SIGTERM had come then."""
+    from tunelab.callbacks.signals import StopFlag
+
+    checks = {"n": 0}
+
+    def asked(self):
+        checks["n"] += 1
+        return checks["n"] == n
+
+    monkeypatch.setattr(StopFlag, "__call__", asked)
+
+
+#: What a scheduler option needs on the short runs of the tests (its preset's milestones fit 8 epochs).
+SHORT_RUN = {"sequential": ["scheduler.milestones=[0.5,1]"]}
+
+
+def scheduler_option(name: str) -> list[str]:
+    """The overrides that choose scheduler option `name` for a short test run."""
+    return [f"scheduler={name}", *SHORT_RUN.get(name, [])]

@@ -15,10 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ROOT, SMALL, metric_series, mlflow_runs, run_train
+from conftest import ROOT, SMALL, metric_series, mlflow_runs, run_train, stop_at_check
 from tunelab import checkpoints, run, tracking
 from tunelab.errors import ConfigError, ReportedError
-from tunelab.callbacks.signals import StopFlag
 from tunelab.loop import NonFiniteLossError
 
 RESUMABLE = [
@@ -157,14 +156,8 @@ def test_resume_mid_epoch_on_image_files_equals_an_uninterrupted_run(small_cfg, 
               "data.num_workers=0", "model=mobilenet_v3_small", "trainer.deterministic=true", "trainer.limit_train_batches=5")
     run.train(small_cfg(*common, f"trainer.checkpoint_dir={tmp_path}/straight", "logger.experiment_name=straight"))
 
-    checks = {"n": 0}
-
-    def stop_in_epoch_2(self):  # asked after every optimizer step and epoch: 5 steps, the end of epoch 1, 2 steps
-        checks["n"] += 1
-        return checks["n"] == 8
-
     with monkeypatch.context() as patch:
-        patch.setattr(StopFlag, "__call__", stop_in_epoch_2)
+        stop_at_check(patch, 8)  # 5 steps, the end of epoch 1, 2 steps of epoch 2
         with pytest.raises(Interrupted):
             run.train(small_cfg(*common, f"trainer.checkpoint_dir={tmp_path}/stopped", "logger.experiment_name=stopped"))
     stopped = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)["loop"]

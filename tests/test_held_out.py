@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from conftest import metric_series, mlflow_runs, options
+from conftest import metric_series, mlflow_runs, options, scheduler_option
 from tunelab import data, prepare, run
 from tunelab.callbacks.held_out_test import HeldOutTest
 
@@ -85,7 +85,7 @@ def guarded_test_split(monkeypatch):
     _Guarded.open = False
 
 
-CASES = [[f"scheduler={name}"] for name in options("scheduler")] + [
+CASES = [scheduler_option(name) for name in options("scheduler")] + [
     ["trainer.early_stopping.patience=1", "monitor=val/macro_f1"],
     ["optimizer.lr=auto", "lr_find.steps=10"],
     ["freeze.depth=-1", "freeze.unfreeze_every=1"],

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from conftest import metric_series, mlflow_runs, options
+from conftest import metric_series, mlflow_runs, options, scheduler_option
 from tunelab import data, run
 from tunelab.callbacks.early_stopping import EarlyStopping
 from tunelab.callbacks.ema import WeightEMA
@@ -112,7 +112,7 @@ def test_early_stopping_counts_epochs_without_improvement():
 @pytest.mark.parametrize("scheduler", options("scheduler"))
 def test_early_stopping_ends_a_plateaued_run_finished_with_the_reason(small_cfg, tracking_uri, scheduler):
     # lr 1e-12 on the head alone: the weights do not move, so val/acc is the same every epoch
-    cfg = small_cfg(f"scheduler={scheduler}", "freeze=head", "optimizer.lr=1e-12", "trainer.max_epochs=6",
+    cfg = small_cfg(*scheduler_option(scheduler), "freeze=head", "optimizer.lr=1e-12", "trainer.max_epochs=6",
                     "trainer.early_stopping.patience=2")
     run.train(cfg)
     client, runs = mlflow_runs(tracking_uri)

@@ -255,8 +255,13 @@ def feature_cache_blocker(model: nn.Module, plan: FreezePlan, deterministic_data
         return "freeze.bn=train updates BatchNorm statistics"
     head_prefix = f"{heads[0]}."
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0 and not name.startswith(head_prefix):
+        if name.startswith(head_prefix):
+            continue
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
             return f"dropout before the head ({name}) makes the features random"
+        rate = next((r for r in (getattr(module, "drop_rate", 0), getattr(module, "drop_prob", 0)) if isinstance(r, float) and r > 0), None)
+        if rate is not None:  # functional dropout (DenseNet, timm's drop_rate) or stochastic depth (timm's DropPath)
+            return f"dropout or stochastic depth before the head ({name or 'the model'}, {rate:g}) makes the features random"
     if not deterministic_data:
         return "random augmentation changes the images each epoch"
     return None

@@ -269,11 +269,22 @@ class Loop:
         self._pending: list[tuple[int, dict[str, float], torch.Tensor, bool]] = []  # step, lrs, loss, whether any batch counted
         self._tally = _Tally(0.0, 0, 0, options.device)
         self.evaluated = unwrap(model)  # validation runs without the DDP wrapper
+        #: The module training switched to (`switch`), or None while it is the one `fit` was given.
+        self.switched: nn.Module | None = None
         self._epoch_started = time.perf_counter()
 
     def request_checkpoint(self) -> None:
         """Write a checkpoint at the end of this optimizer step (`on_checkpoint`)."""
         self._checkpoint_asked = True
+
+    def switch(self, model: nn.Module, train_loader, val_loader) -> None:
+        """Train and validate `model` on these loaders from now on: the whole model after a head was
+        probed on cached features (LP-FT). Call it from `on_epoch_start`; the epochs keep their length."""
+        if len(train_loader) != self.batches:
+            raise ValueError(f"switch: {len(train_loader)} batches per epoch instead of {self.batches}")
+        self.model, self.train_loader, self.val_loader = model, train_loader, val_loader
+        self.evaluated = self.switched = unwrap(model)
+        self.model.train()
 
     def validate(self, module: nn.Module) -> dict[str, float]:
         """`val/loss` and `val/acc` of `module` on the validation batches (over all processes)."""
@@ -417,7 +428,7 @@ class Loop:
         seconds = time.perf_counter() - self._epoch_started
         state.history.epochs.append({"epoch": epoch, **metrics, "seconds": seconds})
         _log_epoch(epoch, o.max_epochs, metrics, self.optimizer, seconds)
-        is_best = improved(metrics[o.monitor], state.best, o.monitor)
+        is_best = o.monitor in metrics and improved(metrics[o.monitor], state.best, o.monitor)  # SWA's: from its start on
         if is_best:
             state.best = metrics[o.monitor]
         state.epoch, state.batch, state.stop_reason = epoch + 1, 0, None
@@ -427,6 +438,6 @@ class Loop:
 
 
 def _log_epoch(epoch: int, max_epochs: int, metrics: Mapping[str, float], optimizer, seconds: float) -> None:
-    ema = f"  val/acc_ema {metrics['val/acc_ema']:.4f}" if "val/acc_ema" in metrics else ""
+    ema = "".join(f"  {key} {metrics[key]:.4f}" for key in ("val/acc_ema", "val/acc_swa") if key in metrics)
     log.info("epoch %d/%d  train/loss %.4f  train/acc %.4f  val/loss %.4f  val/acc %.4f%s  lr %.4g  %.1fs", epoch + 1, max_epochs,
              metrics["train/loss"], metrics["train/acc"], metrics["val/loss"], metrics["val/acc"], ema, optimizer.param_groups[0]["lr"], seconds)

@@ -63,20 +63,44 @@ def input_spec(model_cfg: Mapping[str, Any]) -> InputSpec:
     return InputSpec(_min_size(model_cfg), IMAGENET_MEAN, IMAGENET_STD)
 
 
+#: The constructor argument that is `model.drop_rate` for the torchvision families that call it otherwise.
+_DROP_ARGUMENT = {"densenet": "drop_rate"}
+
+
+def _drop_kwargs(name: str, drop_rate: float | None) -> dict[str, Any]:
+    """`model.drop_rate` as the torchvision constructor's argument (`dropout`, DenseNet's `drop_rate`)."""
+    if drop_rate is None:
+        return {}
+    require(isinstance(drop_rate, (int, float)) and not isinstance(drop_rate, bool) and 0 <= drop_rate < 1,
+            f"model.drop_rate={drop_rate!r} must be a probability in [0, 1)")
+    family = next((f for f in _DROP_ARGUMENT if name.startswith(f)), None)
+    return {_DROP_ARGUMENT[family] if family else "dropout": float(drop_rate)}
+
+
 def torchvision_model(
-    name: str, num_classes: int, pretrained: bool = False, weights_path: str | None = None, aux_logits: bool | None = None
+    name: str, num_classes: int, pretrained: bool = False, weights_path: str | None = None, aux_logits: bool | None = None,
+    drop_rate: float | None = None,
 ) -> nn.Module:
     """A torchvision model (`torchvision.models.get_model`) with a new `num_classes` output layer.
 
     `pretrained=True` asks torchvision for `weights="DEFAULT"` (from its cache, or downloaded);
     `weights_path` loads a state dict from a file afterwards (see `load_weights`). `aux_logits`
-    keeps (True) or drops (False) the auxiliary heads of Inception v3 and GoogLeNet.
+    keeps (True) or drops (False) the auxiliary heads of Inception v3 and GoogLeNet. `drop_rate`
+    sets the model's dropout probability where it has one (its `dropout` argument; DenseNet's
+    `drop_rate`); a model without one (ResNets, ShuffleNet) refuses it.
     """
+    import inspect
+
     from torchvision import models as tvm
 
     available = tvm.list_models(module=tvm)
     require(name in available, f"model.name={name} is not a torchvision classification model; choose one of: {', '.join(available)}")
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = _drop_kwargs(name, drop_rate)
+    if kwargs:
+        builder = tvm.get_model_builder(name)
+        model_class = inspect.signature(builder).return_annotation
+        takes = inspect.signature(getattr(tvm, model_class) if isinstance(model_class, str) else model_class).parameters
+        require(set(kwargs) <= set(takes), f"model.drop_rate: {name} has no dropout to set (its arguments: {', '.join(takes)}); leave model.drop_rate=null")
     if name in _AUX_MODELS:
         kwargs["aux_logits"] = True if aux_logits is None else bool(aux_logits)
         if not pretrained:
@@ -113,16 +137,25 @@ def _timm_pretrained_cfg(name: str) -> dict:
     return cfg.to_dict() if cfg is not None else {}
 
 
-def timm_model(name: str, num_classes: int, pretrained: bool = False, weights_path: str | None = None) -> nn.Module:
+def timm_model(name: str, num_classes: int, pretrained: bool = False, weights_path: str | None = None, drop_rate: float | None = None,
+               drop_path_rate: float | None = None) -> nn.Module:
     """Any timm model (`timm.create_model`), its classifier reset to `num_classes` outputs.
 
     `pretrained=True` asks timm for its default weights (the Hugging Face cache, or downloaded).
+    `drop_rate` (dropout before the classifier) and `drop_path_rate` (stochastic depth: the largest
+    probability of skipping a residual block, rising linearly with depth) go to timm's model; null
+    keeps its default.
     """
     import timm
 
     _timm_pretrained_cfg(name)
+    rates = {key: value for key, value in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate)) if value is not None}
+    for key, value in rates.items():
+        require(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1, f"model.{key}={value!r} must be a probability in [0, 1)")
     try:
-        model = timm.create_model(name, pretrained=pretrained)
+        model = timm.create_model(name, pretrained=pretrained, **rates)
+    except TypeError as err:  # a model class without that argument
+        raise ConfigError(f"model: timm's {name} does not take {', '.join(f'model.{k}' for k in rates)} ({err}); leave it null") from None
     except Exception as err:
         if not pretrained:
             raise

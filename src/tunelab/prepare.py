@@ -40,6 +40,9 @@ class Prepared:
     std: tuple = ()
     #: What the trained model needs to be used on new images (its classes and preprocessing).
     info: ModelInfo | None = None
+    #: LP-FT whose probe trains the head on cached features: (the model, its image loaders), what
+    #: training switches to when the probe ends; None otherwise.
+    after_probe: tuple | None = None
 
 
 def prepare(cfg: DictConfig, device: torch.device, dist: distributed.Context = distributed.SINGLE) -> Prepared:
@@ -84,17 +87,34 @@ def prepare(cfg: DictConfig, device: torch.device, dist: distributed.Context = d
         model.to(memory_format=torch.channels_last)
     loss_fn = build_loss(cfg.loss, splits, device)
 
-    trained, fit_train, fit_val = model, train_loader, val_loader
+    trained, fit_train, fit_val, after_probe = model, train_loader, val_loader, None
     if cfg.freeze.cache_features:
-        blocker = freezing.feature_cache_blocker(model, plan, _deterministic(splits, cfg.data), cfg.freeze.unfreeze_every)
+        blocker = freezing.feature_cache_blocker(model, plan, _deterministic(splits, cfg.data), cfg.freeze.unfreeze_every) or _probe_blocker(cfg, dist)
         if blocker is None:
-            log.info("Computing the frozen backbone's features once (freeze.cache_features)")
+            log.info("Computing the frozen backbone's features once (freeze.cache_features%s)", ", while probing" if _probing(cfg) else "")
             trained = model.get_submodule(model.head_names[0])
             fit_train, fit_val = loaders(*(freezing.head_inputs(model, ds, device) for ds in (splits.train, splits.val)))
+            after_probe = (model, train_loader, val_loader) if _probing(cfg) else None
         elif plan.frozen == len(plan.stages) - 1:
             log.info("Features are not cached: %s", blocker)
     return Prepared(splits, model, plan, trained, fit_train, fit_val, loss_fn, image_size, test_loader, tuple(spec.mean), tuple(spec.std),
-                    _model_info(cfg, splits, image_size, spec))
+                    _model_info(cfg, splits, image_size, spec), after_probe)
+
+
+def _probing(cfg: DictConfig) -> bool:
+    return bool(cfg.freeze.get("probe_epochs"))
+
+
+def _probe_blocker(cfg: DictConfig, dist: distributed.Context) -> str | None:
+    """Why LP-FT's probe cannot train on cached features: what needs one module for the whole run."""
+    if not _probing(cfg):
+        return None
+    t = cfg.trainer
+    if t.ema_decay is not None or (t.get("swa") or {}).get("start_epoch") is not None:
+        return "the EMA or SWA averages the whole model from the start, and LP-FT trains it after the probe"
+    if t.compile or dist.enabled:
+        return "torch.compile and torchrun wrap one module for the whole run, and LP-FT trains the whole model after the probe"
+    return None
 
 
 #: The data options held as tensors, resized to a square once (the others resize the shorter side and crop).

@@ -22,12 +22,13 @@ from tunelab import checkpoints, distributed, freezing, range_test
 from tunelab.callbacks.checkpointing import Checkpointing
 from tunelab.callbacks.early_stopping import EarlyStopping
 from tunelab.callbacks.ema import EMA, WeightEMA
-from tunelab.callbacks.freezing import Freezing
+from tunelab.callbacks.freezing import Freezing, Probe
 from tunelab.callbacks.held_out_test import HeldOutTest, TestSet
 from tunelab.callbacks.metrics import MetricLogger
 from tunelab.callbacks.progress import ProgressBar
 from tunelab.callbacks.signals import StopFlag, StopSignal, graceful_stop
-from tunelab.checks import check_config
+from tunelab.callbacks.swa import SWA
+from tunelab.checks import check_config, swa_start
 from tunelab.environment import limit_threads_for_parallel_jobs, seed_everything, select_device
 from tunelab.errors import build, require
 from tunelab.inference import ModelInfo
@@ -157,12 +158,17 @@ def callbacks(run: Run, prepared: Prepared, training: Training) -> list:
     """The loop's callbacks for this config, in the order they run (see tunelab.callbacks.base)."""
     cfg, t = run.cfg, run.cfg.trainer
     wrapper = training.stepped if run.dist.enabled else None
+    probe = Probe(cfg.freeze.probe_epochs, cfg.freeze.finetune_lr_scale, prepared.after_probe) if cfg.freeze.get("probe_epochs") else None
     listed = [
-        Freezing(prepared.model, prepared.plan, training.schedule, cfg.optimizer.get("layer_decay"), cfg.freeze.unfreeze_every, wrapper),
+        Freezing(prepared.model, prepared.plan, training.schedule, cfg.optimizer.get("layer_decay"), cfg.freeze.unfreeze_every, wrapper, probe),
         MetricLogger(run.logger),
     ]
     if t.ema_decay is not None:
         listed.append(EMA(WeightEMA(prepared.trained, t.ema_decay)))
+    swa = t.get("swa") or {}
+    if swa.get("start_epoch") is not None:
+        listed.append(SWA(prepared.trained, training.schedule, swa_start(swa.start_epoch, t.max_epochs), swa.lr, swa.anneal_epochs,
+                          swa.anneal_strategy))
     stopping = t.early_stopping
     if stopping.patience is not None:
         listed.append(EarlyStopping(stopping.patience, stopping.monitor, stopping.mode, stopping.min_delta))
@@ -174,7 +180,7 @@ def callbacks(run: Run, prepared: Prepared, training: Training) -> list:
     if t.test and prepared.test_loader is not None and run.dist.is_main:
         test = TestSet(prepared.model, prepared.trained, prepared.splits.test, prepared.test_loader, prepared.splits.classes,
                        prepared.mean, prepared.std, run.run_dir)
-        listed.append(HeldOutTest(test, run.logger, cfg.monitor, _find(listed, EMA)))
+        listed.append(HeldOutTest(test, run.logger, cfg.monitor, _averaged(listed, cfg.monitor)))
     elif t.test:
         log.warning("No held-out test split in this data: no test score (the README's 'Reading the results' says how to add one)")
     if t.progress and run.dist.is_main:
@@ -191,13 +197,22 @@ def _checkpoint_contents(run: Run, prepared: Prepared, training: Training) -> di
     }
 
 
+def _averaged(listed: list, monitor: str):
+    """The averaged weights a `_ema` or `_swa` monitor scores (their module), else None."""
+    for suffix, kind in (("_ema", EMA), ("_swa", SWA)):
+        found = _find(listed, kind)
+        if monitor.endswith(suffix) and found is not None:
+            return found.module
+    return None
+
+
 def _find(listed: list, kind):
     return next((c for c in listed if isinstance(c, kind)), None)
 
 
 def _restore(run: Run, prepared: Prepared, training: Training, listed: list) -> None:
     """A resumed run: the loop's state, the unfreezing it had done, the weights, the optimizer, the
-    schedule, the scaler and the EMA from the checkpoint, then its random generators."""
+    schedule, the scaler and the EMA's and SWA's averages from the checkpoint, then its random generators."""
     saved = run.saved
     if saved is None:
         return
@@ -212,9 +227,12 @@ def _restore(run: Run, prepared: Prepared, training: Training, listed: list) -> 
         group.update({key: optimizer.defaults[key] for key in ("fused", "foreach") if key in optimizer.defaults})
     training.schedule.load_state_dict(saved["schedule"])
     training.scaler.load_state_dict(saved["scaler"])
-    ema = _find(listed, EMA)
-    if ema is not None:
-        ema.average.load_state_dict(saved["ema"])
+    for callback in listed:  # the EMA's and SWA's averages
+        key = getattr(callback, "checkpoint_key", None)
+        if key is not None and saved.get(key) is not None:
+            callback.load_state_dict(saved[key])
+        elif key is not None:
+            log.warning("%s holds no %s state (the run had no trainer.%s): it starts now", run.resume_from, key, "ema_decay" if key == "ema" else key)
     if state.epoch >= run.cfg.trainer.max_epochs or state.stop_reason:
         log.warning("%s holds a run that had finished training (%d epochs%s): nothing is trained, its results are logged again",
                     run.resume_from, state.epoch, f", {state.stop_reason}" if state.stop_reason else "")

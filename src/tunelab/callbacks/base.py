@@ -21,7 +21,9 @@ Callbacks are called in the order they are given. A callback steers the loop thr
 `loop.state.stop_reason = "..."` ends the run after this epoch (FINISHED, early stopping);
 `loop.interrupt = "..."` stops it at this optimizer step or epoch end, after a checkpoint
 (`Interrupted`, the run ends KILLED); `loop.request_checkpoint()` writes a checkpoint at this
-step. A callback that changes what trains (gradual unfreezing) does so in `on_epoch_start`.
+step. A callback that changes what trains (gradual unfreezing) does so in `on_epoch_start`, where
+it may also hand the loop another module and loaders with `loop.switch(...)` (LP-FT leaving the
+head's cached features for the whole model).
 """
 
 from __future__ import annotations

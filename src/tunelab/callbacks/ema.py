@@ -56,5 +56,13 @@ class EMA(Callback):
     def on_validation_end(self, loop, metrics) -> None:
         metrics.update({f"{key}_ema": value for key, value in loop.validate(self.average.module).items()})
 
+    @property
+    def module(self) -> nn.Module:
+        """The averaged weights, as a module like the trained one (what a `_ema` monitor tests and logs)."""
+        return self.average.module
+
     def state_dict(self) -> dict:
         return self.average.state_dict()
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.average.load_state_dict(state)

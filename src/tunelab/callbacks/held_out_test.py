@@ -38,16 +38,17 @@ class TestSet:
 
 
 class HeldOutTest(Callback):
-    """Keeps the weights of each new best epoch by `monitor` (the EMA's when `monitor` is an EMA
-    metric), then scores them at the end of training: `test/acc`, `test/loss`,
+    """Keeps the weights of each new best epoch by `monitor` (those of `averaged`, the EMA's or SWA's
+    module, when `monitor` is one of their metrics), then scores them at the end of training: `test/acc`, `test/loss`,
     `test/balanced_acc` and `test/macro_f1` logged once at `step=` the chosen epoch, and the
     artifacts `per_class.csv` (validation and test), `confusion_matrix.png` and `top_losses.png`
     (also written to the run folder)."""
 
-    def __init__(self, test: TestSet, logger, monitor: str, ema=None) -> None:
-        self.test, self.logger, self.monitor, self.ema = test, logger, monitor, ema
+    def __init__(self, test: TestSet, logger, monitor: str, averaged: nn.Module | None = None) -> None:
+        self.test, self.logger, self.monitor, self.averaged = test, logger, monitor, averaged
         self.best: dict | None = None
         self.best_epoch = -1
+        self.best_part: nn.Module | None = None  # the module of `test.model` whose weights `best` holds
         self.scores: dict[str, float] = {}
         #: After training: a copy of the model holding the chosen weights (the one the run logs to MLflow).
         self.model: nn.Module | None = None
@@ -55,7 +56,9 @@ class HeldOutTest(Callback):
     def on_checkpoint(self, loop, is_best: bool) -> None:
         if not is_best or loop.state.batch:  # an epoch's end only
             return
-        source = self.ema.average.module if self.ema is not None and self.monitor.endswith("_ema") else self.test.chosen
+        # the whole model, also when only its head trains on cached features (the rest is as it was then:
+        # LP-FT trains it later); an average covers the module the optimizer steps
+        source, self.best_part = (self.averaged, self.test.chosen) if self.averaged is not None else (self.test.model, self.test.model)
         self.best = {key: value.detach().to("cpu", copy=True) for key, value in source.state_dict().items()}
         self.best_epoch = loop.state.epoch - 1
 
@@ -64,11 +67,11 @@ class HeldOutTest(Callback):
             log.warning("No epoch was chosen by %s in this process (a resumed run that had finished): no test score", self.monitor)
             return
         model = self.model = copy.deepcopy(self.test.model)
-        chosen = _same_module(model, self.test.model, self.test.chosen)
-        chosen.load_state_dict(self.best)
+        _same_module(model, self.test.model, self.best_part).load_state_dict(self.best)
+        fed = _same_module(model, self.test.model, loop.switched if loop.switched is not None else self.test.chosen)  # what val_loader feeds
         o = loop.options
         found = {
-            "val": predictions.predict(chosen, loop.val_loader, o.device, o.precision, o.channels_last),
+            "val": predictions.predict(fed, loop.val_loader, o.device, o.precision, o.channels_last),
             "test": predictions.predict(model, self.test.loader, o.device, o.precision, o.channels_last),
         }
         self.scores = found["test"].scores(loop.loss_fn, "test")
