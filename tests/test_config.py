@@ -42,3 +42,16 @@ def test_experiments_compose(experiment):
     cfg = compose_config([f"+experiment={experiment}"])
     assert cfg.logger.experiment_name == "transfer"
     assert list(cfg.data.dataset.classes) in ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9])
+
+
+@pytest.mark.parametrize("order", ["sweeper first", "experiment first"])
+def test_each_strategy_of_the_strategies_experiment_is_what_it_says(order):
+    """The sweeper puts its params before the command line's +experiment: either way scratch has no
+    weights, and the others start from step 1's."""
+    expected = {"head": (-1, None, True), "depth2": (2, None, True), "full": (0, None, True), "lp_ft": (-1, 3, True),
+                "scratch": (0, None, False)}
+    for strategy, (depth, probe, pretrained) in expected.items():
+        overrides = [f"strategy={strategy}", "seed=3", "+experiment=strategies"]
+        cfg = compose_config(overrides if order == "sweeper first" else overrides[::-1])
+        assert (cfg.freeze.depth, cfg.freeze.get("probe_epochs"), cfg.model.weights_path is not None) == (depth, probe, pretrained), strategy
+        assert cfg.data.dataset.max_train_samples == 25 and cfg.seed == 3
