@@ -155,7 +155,7 @@ class _Tally:
     def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
         self._losses.setdefault(len(y), []).append(loss)
         self._predicted.append(logits.argmax(1))
-        self._targets.append(y)
+        self._targets.append(y if y.dim() == 1 else y.argmax(1))  # mixed (soft) targets: their largest share
         self.seen += len(y)
 
     def fold(self) -> None:

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tunelab import data as data_lib
 from tunelab import distributed, freezing, models
+from tunelab.data import mixing
 from tunelab.errors import build, require
 from tunelab.inference import ModelInfo
 
@@ -87,9 +88,14 @@ def prepare(cfg: DictConfig, device: torch.device, dist: distributed.Context = d
         model.to(memory_format=torch.channels_last)
     loss_fn = build_loss(cfg.loss, splits, device)
 
+    mix = mixing.mixer(cfg.data.get("mixup"), cfg.data.get("cutmix"), len(splits.classes))
+    if mix is not None:
+        log.info("Training batches are mixed: %s", mix)
+        train_loader = mixing.MixedBatches(train_loader, mix)
     trained, fit_train, fit_val, after_probe = model, train_loader, val_loader, None
     if cfg.freeze.cache_features:
-        blocker = freezing.feature_cache_blocker(model, plan, _deterministic(splits, cfg.data), cfg.freeze.unfreeze_every) or _probe_blocker(cfg, dist)
+        deterministic = _deterministic(splits, cfg.data) and mix is None
+        blocker = freezing.feature_cache_blocker(model, plan, deterministic, cfg.freeze.unfreeze_every) or _probe_blocker(cfg, dist)
         if blocker is None:
             log.info("Computing the frozen backbone's features once (freeze.cache_features%s)", ", while probing" if _probing(cfg) else "")
             trained = model.get_submodule(model.head_names[0])
