@@ -149,7 +149,7 @@ def csv_images(
     mean: Sequence[float],
     std: Sequence[float],
     seed: int,
-    augment: bool = True,
+    augment: bool | str = True,
     skip_bad_files: bool = False,
     val_fraction: float = 0.2,
     test_fraction: float = 0.2,

@@ -23,11 +23,22 @@ log = logging.getLogger(__name__)
 SPLIT_FOLDERS = ("train", "val", "test")
 
 
-def folder_transforms(image_size: int, mean, std, augment: bool):
-    from torchvision import transforms as T
+#: `augment` values: the random crop and flip alone (true), plus one of torchvision's automatic policies.
+AUGMENT = (True, False, "randaugment", "trivialaugment")
 
+
+def folder_transforms(image_size: int, mean, std, augment: bool | str):
+    """One image's transform: when augmenting, torchvision.transforms.v2's random resized crop and
+    flip (then RandAugment or TrivialAugmentWide when `augment` names one), else resize and centre
+    crop; then the tensor, scaled to [0, 1] and normalized (the same conversion as served images)."""
+    from torchvision import transforms as T
+    from torchvision.transforms import v2
+
+    require(augment in AUGMENT, f"data.dataset.augment={augment!r} must be true, false, randaugment or trivialaugment")
     if augment:
-        steps = [T.RandomResizedCrop(image_size, scale=(0.6, 1.0)), T.RandomHorizontalFlip()]
+        steps = [v2.RandomResizedCrop(image_size, scale=(0.6, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+        policy = {"randaugment": v2.RandAugment, "trivialaugment": v2.TrivialAugmentWide}.get(augment)
+        steps += [policy()] if policy else []
     else:
         steps = [T.Resize(image_size), T.CenterCrop(image_size)]
     return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
@@ -122,7 +133,7 @@ def image_folder(
     mean: Sequence[float],
     std: Sequence[float],
     seed: int,
-    augment: bool = True,
+    augment: bool | str = True,
     skip_bad_files: bool = False,
     val_fraction: float = 0.2,
     test_fraction: float = 0.2,
@@ -158,7 +169,7 @@ def cifar10(
     std: Sequence[float],
     seed: int,
     download: bool = False,
-    augment: bool = True,
+    augment: bool | str = True,
     val_fraction: float = 0.1,
 ) -> Splits:
     """CIFAR-10 from torchvision (50,000 + 10,000 32x32 images); `download=true` fetches it.
