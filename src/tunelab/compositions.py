@@ -61,7 +61,8 @@ def parts(cfg: DictConfig) -> list[Part]:
     require(isinstance(given, (list, tuple)) or OmegaConf.is_list(given),
             f"scheduler.parts must be a list of parts, each {{option: NAME, ...keys}}, got {given!r}")
     require(len(given) >= 1, "scheduler.parts is empty: name at least one option, e.g. scheduler.parts=[{option: cosine}]")
-    found = [_part(f"scheduler.parts.{i}", part) for i, part in enumerate(given)]
+    options = sorted(p.stem for p in CONF_DIR.glob("*.yaml") if kind(OmegaConf.load(p).get("_target_", "")) is None)
+    found = [_part(f"scheduler.parts.{i}", part, options) for i, part in enumerate(given)]
     for i, part in enumerate(found):
         if part.plateau and (composition == "chained" or i < len(found) - 1):
             where = "scheduler=chained" if composition == "chained" else "the middle of scheduler=sequential"
@@ -73,8 +74,8 @@ def parts(cfg: DictConfig) -> list[Part]:
     return found
 
 
-def _part(key: str, given: Any) -> Part:
-    options = sorted(p.stem for p in CONF_DIR.glob("*.yaml") if kind(OmegaConf.load(p).get("_target_", "")) is None)
+def _part(key: str, given: Any, options: list[str]) -> Part:
+    """One part: `options` are the schedule options a composition can hold (not compositions)."""
     given = OmegaConf.create(given) if isinstance(given, dict) else given
     require(OmegaConf.is_dict(given) and given.get("option") is not None,
             f"{key} must name an option, e.g. {{option: cosine}}; options: {', '.join(options)}")

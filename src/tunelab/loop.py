@@ -438,6 +438,6 @@ class Loop:
 
 
 def _log_epoch(epoch: int, max_epochs: int, metrics: Mapping[str, float], optimizer, seconds: float) -> None:
-    ema = "".join(f"  {key} {metrics[key]:.4f}" for key in ("val/acc_ema", "val/acc_swa") if key in metrics)
+    averaged = "".join(f"  {key} {metrics[key]:.4f}" for key in ("val/acc_ema", "val/acc_swa") if key in metrics)
     log.info("epoch %d/%d  train/loss %.4f  train/acc %.4f  val/loss %.4f  val/acc %.4f%s  lr %.4g  %.1fs", epoch + 1, max_epochs,
-             metrics["train/loss"], metrics["train/acc"], metrics["val/loss"], metrics["val/acc"], ema, optimizer.param_groups[0]["lr"], seconds)
+             metrics["train/loss"], metrics["train/acc"], metrics["val/loss"], metrics["val/acc"], averaged, optimizer.param_groups[0]["lr"], seconds)

@@ -67,12 +67,16 @@ def input_spec(model_cfg: Mapping[str, Any]) -> InputSpec:
 _DROP_ARGUMENT = {"densenet": "drop_rate"}
 
 
+def _check_rate(key: str, value: Any) -> None:
+    """A dropout or stochastic-depth rate: a probability in [0, 1)."""
+    require(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1, f"model.{key}={value!r} must be a probability in [0, 1)")
+
+
 def _drop_kwargs(name: str, drop_rate: float | None) -> dict[str, Any]:
     """`model.drop_rate` as the torchvision constructor's argument (`dropout`, DenseNet's `drop_rate`)."""
     if drop_rate is None:
         return {}
-    require(isinstance(drop_rate, (int, float)) and not isinstance(drop_rate, bool) and 0 <= drop_rate < 1,
-            f"model.drop_rate={drop_rate!r} must be a probability in [0, 1)")
+    _check_rate("drop_rate", drop_rate)
     family = next((f for f in _DROP_ARGUMENT if name.startswith(f)), None)
     return {_DROP_ARGUMENT[family] if family else "dropout": float(drop_rate)}
 
@@ -151,7 +155,7 @@ def timm_model(name: str, num_classes: int, pretrained: bool = False, weights_pa
     _timm_pretrained_cfg(name)
     rates = {key: value for key, value in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate)) if value is not None}
     for key, value in rates.items():
-        require(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1, f"model.{key}={value!r} must be a probability in [0, 1)")
+        _check_rate(key, value)
     try:
         model = timm.create_model(name, pretrained=pretrained, **rates)
     except TypeError as err:  # a model class without that argument

@@ -179,7 +179,7 @@ def callbacks(run: Run, prepared: Prepared, training: Training) -> list:
     listed.append(Checkpointing(saver, lambda: _checkpoint_contents(run, prepared, training), t.checkpoint_every_n_steps or 0))
     if t.test and prepared.test_loader is not None and run.dist.is_main:
         test = TestSet(prepared.model, prepared.trained, prepared.splits.test, prepared.test_loader, prepared.splits.classes,
-                       prepared.mean, prepared.std, run.run_dir)
+                       prepared.mean, prepared.std, run.run_dir, switches=prepared.after_probe is not None)
         listed.append(HeldOutTest(test, run.logger, cfg.monitor, _averaged(listed, cfg.monitor)))
     elif t.test:
         log.warning("No held-out test split in this data: no test score (the README's 'Reading the results' says how to add one)")

@@ -35,6 +35,9 @@ class TestSet:
     mean: Sequence[float]
     std: Sequence[float]
     folder: Path | None = None
+    #: The head trains on cached features now and the whole model later (LP-FT): a chosen epoch
+    #: keeps the whole model's weights, since the body it had changes after the switch.
+    switches: bool = False
 
 
 class HeldOutTest(Callback):
@@ -56,9 +59,10 @@ class HeldOutTest(Callback):
     def on_checkpoint(self, loop, is_best: bool) -> None:
         if not is_best or loop.state.batch:  # an epoch's end only
             return
-        # the whole model, also when only its head trains on cached features (the rest is as it was then:
-        # LP-FT trains it later); an average covers the module the optimizer steps
-        source, self.best_part = (self.averaged, self.test.chosen) if self.averaged is not None else (self.test.model, self.test.model)
+        if self.averaged is not None:  # an average covers the module the optimizer steps
+            source, self.best_part = self.averaged, self.test.chosen
+        else:
+            self.best_part = source = self.test.model if self.test.switches else self.test.chosen
         self.best = {key: value.detach().to("cpu", copy=True) for key, value in source.state_dict().items()}
         self.best_epoch = loop.state.epoch - 1
 
