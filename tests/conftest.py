@@ -33,6 +33,15 @@ SMALL = [
 ]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache_folder(tmp_path_factory):
+    """Decoded images and split files of this session in a folder of its own, not the user's cache
+    (processes the tests start inherit it; a test may point TUNELAB_CACHE elsewhere)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TUNELAB_CACHE", str(tmp_path_factory.mktemp("tunelab-cache")))
+        yield
+
+
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 

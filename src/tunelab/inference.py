@@ -4,8 +4,9 @@ encoded bytes or uint8 arrays into the batch the model was validated on, and cla
 
 The preprocessing is the validation transform of the data option the model was trained on:
 
-- `shorter_side` (`folder`, `csv`, `cifar10`): the shorter side resized to `image_size` (PIL,
-  bilinear), the centre `image_size` square cropped, scaled to [0, 1] and normalized;
+- `shorter_side` (`folder`, `csv`, `cifar10`): the shorter side resized to `resize_to` (PIL,
+  bilinear; `image_size` when it is None: the per-image path, `data.cache=off`, and CIFAR-10), the
+  centre `image_size` square cropped, scaled to [0, 1] and normalized;
 - `square` (`digits`, `fake`, held as tensors): the image scaled to [0, 1] and resized to
   `image_size` x `image_size` (bilinear, as those options resize their images once), normalized.
 
@@ -55,6 +56,9 @@ class ModelInfo:
     model_config: dict = field(default_factory=dict)
     data: str = ""
     tunelab_version: str = field(default_factory=tunelab_version)
+    #: The shorter side of a `shorter_side` image before its centre crop (files decoded once,
+    #: `data.cache`: ceil(image_size * data.cache_scale)); None: `image_size`.
+    resize_to: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
@@ -72,7 +76,7 @@ class ModelInfo:
     def transform(self, image) -> torch.Tensor:
         """One PIL image -> the normalized CHW float tensor the model was validated on."""
         if self.resize == "shorter_side":  # the file-backed options' own validation transform
-            return _plain_transform(self.image_size, self.mean, self.std)(image.convert("RGB"))
+            return _plain_transform(self.image_size, self.mean, self.std, self.resize_to)(image.convert("RGB"))
         x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
         x = F.interpolate(x.unsqueeze(0), size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)[0]
         mean, std = (torch.tensor(v, dtype=x.dtype).view(-1, 1, 1) for v in (self.mean, self.std))
@@ -84,9 +88,9 @@ class ModelInfo:
 
 
 @functools.lru_cache(maxsize=8)
-def _plain_transform(image_size: int, mean: tuple, std: tuple):
+def _plain_transform(image_size: int, mean: tuple, std: tuple, resize_to: int | None = None):
     """`data.files.folder_transforms` without augmentation, built once per preprocessing."""
-    return folder_transforms(image_size, mean, std, False)
+    return folder_transforms(image_size, mean, std, False, resize_to)
 
 
 def decode(source) -> "Image.Image":  # noqa: F821

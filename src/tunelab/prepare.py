@@ -60,6 +60,7 @@ def prepare(cfg: DictConfig, device: torch.device, dist: distributed.Context = d
     if cfg.data.get("folds"):
         splits = data_lib.kfold(splits, cfg.data.folds, cfg.data.fold, cfg.seed)
         log.info("Cross-validation: fold %d of %d is the validation set", cfg.data.fold, cfg.data.folds)
+    splits, resize_to = _decoded_once(splits, cfg.data, image_size, spec)
 
     def loaders(train, val):
         """Shuffled training and ordered validation batches, cut to trainer.limit_*_batches; small
@@ -104,7 +105,7 @@ def prepare(cfg: DictConfig, device: torch.device, dist: distributed.Context = d
         elif plan.frozen == len(plan.stages) - 1:
             log.info("Features are not cached: %s", blocker)
     return Prepared(splits, model, plan, trained, fit_train, fit_val, loss_fn, image_size, test_loader, tuple(spec.mean), tuple(spec.std),
-                    _model_info(cfg, splits, image_size, spec), after_probe)
+                    _model_info(cfg, splits, image_size, spec, resize_to), after_probe)
 
 
 def _probing(cfg: DictConfig) -> bool:
@@ -127,10 +128,20 @@ def _probe_blocker(cfg: DictConfig, dist: distributed.Context) -> str | None:
 _SQUARE_DATA = ("tunelab.data.digits", "tunelab.data.fake")
 
 
-def _model_info(cfg: DictConfig, splits: data_lib.Splits, image_size: int, spec: models.InputSpec) -> ModelInfo:
+def _decoded_once(splits: data_lib.Splits, data_cfg: DictConfig, image_size: int, spec: models.InputSpec):
+    """File-backed splits read from their decoded pixels (`data.cache`, unless off), and the shorter
+    side validation images are resized to (None: image_size)."""
+    if "cache" not in data_cfg:  # the data options held as tensors
+        return splits, None
+    dataset = data_cfg.dataset
+    return data_lib.cached_splits(splits, data_cfg.cache, data_cfg.get("cache_scale", 256 / 224), image_size, list(spec.mean), list(spec.std),
+                                  dataset.get("augment", True), bool(dataset.get("skip_bad_files", False)))
+
+
+def _model_info(cfg: DictConfig, splits: data_lib.Splits, image_size: int, spec: models.InputSpec, resize_to: int | None) -> ModelInfo:
     target = str(cfg.data.dataset._target_)
     return ModelInfo(list(splits.classes), image_size, tuple(spec.mean), tuple(spec.std), "square" if target in _SQUARE_DATA else "shorter_side",
-                     OmegaConf.to_container(cfg.model, resolve=True), target.rsplit(".", 1)[-1])
+                     OmegaConf.to_container(cfg.model, resolve=True), target.rsplit(".", 1)[-1], resize_to=resize_to)
 
 
 def build_loss(loss_cfg: DictConfig, splits: data_lib.Splits, device: torch.device) -> torch.nn.Module:

@@ -27,20 +27,26 @@ SPLIT_FOLDERS = ("train", "val", "test")
 AUGMENT = (True, False, "randaugment", "trivialaugment")
 
 
-def folder_transforms(image_size: int, mean, std, augment: bool | str):
-    """One image's transform: when augmenting, torchvision.transforms.v2's random resized crop and
-    flip (then RandAugment or TrivialAugmentWide when `augment` names one), else resize and centre
-    crop; then the tensor, scaled to [0, 1] and normalized (the same conversion as served images)."""
-    from torchvision import transforms as T
+def augment_steps(image_size: int, augment: bool | str) -> list:
+    """The random steps of a training image (torchvision.transforms.v2, for PIL images and uint8
+    tensors alike): random resized crop and flip, then RandAugment or TrivialAugmentWide when
+    `augment` names one; none when `augment` is false."""
     from torchvision.transforms import v2
 
     require(augment in AUGMENT, f"data.dataset.augment={augment!r} must be true, false, randaugment or trivialaugment")
-    if augment:
-        steps = [v2.RandomResizedCrop(image_size, scale=(0.6, 1.0), antialias=True), v2.RandomHorizontalFlip()]
-        policy = {"randaugment": v2.RandAugment, "trivialaugment": v2.TrivialAugmentWide}.get(augment)
-        steps += [policy()] if policy else []
-    else:
-        steps = [T.Resize(image_size), T.CenterCrop(image_size)]
+    if not augment:
+        return []
+    policy = {"randaugment": v2.RandAugment, "trivialaugment": v2.TrivialAugmentWide}.get(augment)
+    return [v2.RandomResizedCrop(image_size, scale=(0.6, 1.0), antialias=True), v2.RandomHorizontalFlip(), *([policy()] if policy else [])]
+
+
+def folder_transforms(image_size: int, mean, std, augment: bool | str, resize_to: int | None = None):
+    """One image's transform: when augmenting, `augment_steps`, else the shorter side resized to
+    `resize_to` (default `image_size`) and the centre `image_size` square cropped; then the tensor,
+    scaled to [0, 1] and normalized (the same conversion as served images)."""
+    from torchvision import transforms as T
+
+    steps = augment_steps(image_size, augment) or [T.Resize(resize_to or image_size), T.CenterCrop(image_size)]
     return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
 
 

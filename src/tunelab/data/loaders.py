@@ -14,6 +14,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, WeightedRandomSampler
 
+from tunelab.data.cached import CachedImages, normalize
 from tunelab.data.splits import labels_of
 from tunelab.errors import require
 
@@ -39,6 +40,7 @@ class EpochSampler(Sampler[int]):
         self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
         self.rank, self.world_size, self.pad, self.weights = rank, world_size, pad, weights
         self.skip = 0  # leading indices the next iteration leaves out (a run resumed mid-epoch)
+        self.keyed = False  # yield (index, seed of its random draws) for CachedImages
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -58,9 +60,14 @@ class EpochSampler(Sampler[int]):
             order = torch.cat([order, order.repeat(extra // max(self.size, 1) + 1)[:extra]])
         return order[self.rank :: self.world_size]
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator:
         skip, self.skip = self.skip, 0
-        return iter(self.order().tolist()[skip:])
+        order = self.order().tolist()
+        if not self.keyed:
+            return iter(order[skip:])
+        # each position of each epoch its own seed: the same draws however the epoch is resumed or read
+        base = (self.seed, self.epoch, self.rank)
+        return ((i, hash((*base, p)) & 0xFFFF_FFFF_FFFF) for p, i in enumerate(order) if p >= skip)
 
     def __len__(self) -> int:
         if self.world_size == 1:
@@ -114,6 +121,8 @@ DEVICE_DATA_SHARE = 0.25
 def to_device(dataset: Dataset, device: torch.device, share: float = DEVICE_DATA_SHARE) -> Dataset:
     """An in-memory set moved whole onto a GPU when it takes at most `share` of the free memory
     there (batches are then indexed on the device, no copy per step); anything else as it is."""
+    if isinstance(dataset, CachedImages) and device.type == "cuda":
+        return dataset.on(device)
     if device.type != "cuda" or not isinstance(dataset, TensorDataset):
         return dataset
     size = sum(t.numel() * t.element_size() for t in dataset.tensors)
@@ -149,6 +158,26 @@ class _LimitedLoader:
             yield batch
 
 
+class _Normalized:
+    """A loader of uint8 batches (CachedImages) giving them as float, scaled to [0, 1] and normalized,
+    on the device the dataset names (the model's: a GPU then receives uint8), else on the CPU."""
+
+    def __init__(self, loader: _LimitedLoader, dataset: CachedImages):
+        self.loader, self.dataset = loader, dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        device = self.dataset.device
+        for x, y in self.loader:
+            x = x.to(device, non_blocking=True) if device is not None else x
+            yield normalize(x, self.dataset.mean, self.dataset.std), y
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -180,8 +209,10 @@ def make_loader(
         return TensorBatches(dataset, batch_size, order, limit_batches, pin_memory)
     if num_workers is None:
         num_workers = max(0, min(4, (os.cpu_count() or 1) - 1))
+    cached = isinstance(dataset, CachedImages)
+    order.keyed = cached
     loader = DataLoader(
-        dataset,
+        dataset.batched() if cached else dataset,
         batch_size=batch_size,
         sampler=order,
         num_workers=num_workers,
@@ -191,4 +222,4 @@ def make_loader(
         # from the global RNG, which a resumed run restores to the middle of the epoch
         generator=torch.Generator().manual_seed(seed),
     )
-    return _LimitedLoader(loader, limit_batches)
+    return _Normalized(_LimitedLoader(loader, limit_batches), dataset) if cached else _LimitedLoader(loader, limit_batches)

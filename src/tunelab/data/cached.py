@@ -1,0 +1,152 @@
+"""File-backed splits read from decoded pixels (`data.cache`), augmented as uint8 tensors.
+
+`cached_splits` turns the splits of `folder`, `csv` and `cifar10` into `CachedImages`: each file is
+decoded once into a store (`data.decoded`) that every later epoch, run and job of a sweep reads;
+CIFAR-10's images are decoded already (torchvision holds them as an array), so they are only no
+longer turned into PIL images. Training images get the random steps of the per-image path
+(`files.augment_steps`, torchvision.transforms.v2) on uint8 tensors; validation and test images are
+the centre crop of their stored image. A loader (`make_loader`) takes uint8 batches and converts and
+normalizes them where the model is (`to_device`), so a GPU receives a quarter of the bytes.
+
+The random draws of an image are a function of (seed, epoch, position in the epoch): the sampler
+passes each position's seed with the index, so a run resumed mid-epoch, any number of loader
+workers and `trainer.deterministic=true` all see the same crops.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from tunelab.data.decoded import Pixels, open_store, shorter_side
+from tunelab.data.files import augment_steps
+from tunelab.data.splits import Splits
+from tunelab.errors import require
+
+log = logging.getLogger(__name__)
+
+#: `data.cache` values: auto (memory when the store fits MEMORY_SHARE of the free memory, else memory-mapped), memory, disk, off.
+CACHE_MODES = ("auto", "memory", "disk", "off")
+#: Share of the machine's available memory a store may take when `data.cache=auto` reads it in.
+MEMORY_SHARE = 0.25
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 image(s) -> float, scaled to [0, 1] and normalized: the arithmetic of ToTensor + Normalize."""
+    return images.float().div(255).sub(mean.to(images.device)).div(std.to(images.device))
+
+
+class CachedImages(Dataset):
+    """The images of a split read from decoded pixels: (normalized float CHW image, class index).
+
+    `samples`, `targets` and `classes` are those of the split it replaces (without files that could
+    not be decoded when they are skipped). An item is an index, or (index, seed) from a keyed
+    sampler: the transform's random draws then come from that seed, and the global generator is
+    left as it was. `batched()` gives the same images as uint8 for a loader that normalizes batches.
+    """
+
+    def __init__(self, source: Dataset, pixels: Pixels, index: list[int], transform, mean, std) -> None:
+        keep = [k for k, i in enumerate(index) if pixels.shapes[i][0] > 0]
+        samples = getattr(source, "samples", None)
+        self.samples = self.imgs = [samples[k] for k in keep] if samples is not None else None
+        self.targets = [int(source.targets[k]) for k in keep]
+        self.classes, self.class_to_idx = source.classes, getattr(source, "class_to_idx", None)
+        self.pixels, self.index, self.transform = pixels, [index[k] for k in keep], transform
+        self.mean, self.std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in (mean, std))
+        self.raw, self.device = False, None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, item):
+        i, draw = item if isinstance(item, tuple) else (item, None)
+        image = self.pixels[self.index[i]]
+        if draw is None:
+            image = self.transform(image)
+        else:
+            state = torch.get_rng_state()
+            torch.default_generator.manual_seed(draw)
+            try:
+                image = self.transform(image)
+            finally:
+                torch.set_rng_state(state)
+        return (image.contiguous() if self.raw else normalize(image, self.mean, self.std)), self.targets[i]
+
+    def batched(self) -> "CachedImages":
+        """These images as uint8 (for a loader that normalizes whole batches)."""
+        other = copy.copy(self)
+        other.raw = True
+        return other
+
+    def on(self, device: torch.device) -> "CachedImages":
+        """These images with their batches normalized on `device` (where the model is)."""
+        other = copy.copy(self)
+        other.device = device
+        return other
+
+
+def check_cache(mode, scale) -> None:
+    require(mode in CACHE_MODES, f"data.cache={mode!r} must be one of auto, memory, disk, off")
+    ok = isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale >= 1
+    require(ok, f"data.cache_scale={scale!r} must be a number >= 1: images are stored with their shorter side at "
+                "ceil(data.image_size * data.cache_scale), and validation takes the centre data.image_size square of that")
+
+
+def cached_splits(splits: Splits, mode: str, scale: float, image_size: int, mean, std, augment, skip_bad_files: bool = False):
+    """`splits` read from decoded pixels, and the shorter side validation images are resized to
+    before the centre crop (None: `image_size`, as the per-image path). With `data.cache=off`, or
+    data that is not file-backed, `splits` as they are."""
+    from torchvision.transforms import v2
+
+    check_cache(mode, scale)
+    parts = [p for p in (splits.train, splits.val, splits.test) if p is not None]
+    if mode == "off":
+        log.info("Data path: every image decoded and transformed by the loader's workers each epoch (data.cache=off)")
+        return splits, None
+    train_steps = augment_steps(image_size, augment)
+    if all(getattr(p, "samples", None) is not None for p in parts):
+        side = shorter_side(image_size, scale)
+        paths = sorted({path for p in parts for path, _ in p.samples})
+        pixels = _read(open_store(paths, side, skip_bad_files), mode)
+        row = {path: k for k, path in enumerate(paths)}
+        indices = [[row[path] for path, _ in p.samples] for p in parts]
+        plain = v2.CenterCrop(image_size)
+        log.info("Data path: %d files decoded once, shorter side %d px (data.cache_scale=%s), %.0f MB %s (data.cache=%s); "
+                 "images augmented as uint8 tensors", len(paths), side, scale, pixels.nbytes / 2**20, pixels.where, mode)
+    elif all(isinstance(getattr(p, "data", None), np.ndarray) for p in parts):  # CIFAR-10: decoded already
+        pixels = [Pixels(p.data.reshape(-1), np.tile(p.data.shape[1:], (len(p.data), 1))) for p in parts]
+        indices, side = [list(range(len(p.data))) for p in parts], None
+        plain = v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
+        log.info("Data path: the images are decoded already (an array in memory) and augmented as uint8 tensors (data.cache=%s)", mode)
+    else:
+        return splits, None
+    stores = pixels if isinstance(pixels, list) else [pixels] * len(parts)
+    train_tf = v2.Compose(train_steps) if train_steps else plain
+    made = [CachedImages(p, s, i, train_tf if p is splits.train else plain, mean, std) for p, s, i in zip(parts, stores, indices)]
+    return Splits(made[0], made[1], splits.classes, made[2] if splits.test is not None else None), side
+
+
+def _read(pixels: Pixels, mode: str) -> Pixels:
+    """The store read into memory (`memory`, or `auto` when it fits MEMORY_SHARE of the available memory), else as it is."""
+    if mode == "disk" or pixels.where == "in memory":
+        return pixels
+    if mode == "auto" and pixels.nbytes > MEMORY_SHARE * _available_memory():
+        return pixels
+    return Pixels(np.array(pixels.flat), pixels.shapes, "in memory")
+
+
+def _available_memory() -> int:
+    """Bytes of memory available to new processes (MemAvailable), or all of it where that is unknown."""
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
