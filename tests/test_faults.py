@@ -137,9 +137,11 @@ def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_resume_mid_epoch_on_image_files_equals_an_uninterrupted_run(small_cfg, tracking_uri, tmp_path, monkeypatch):
+@pytest.mark.parametrize("cache", ["auto", "off"])
+def test_resume_mid_epoch_on_image_files_equals_an_uninterrupted_run(small_cfg, tracking_uri, tmp_path, monkeypatch, cache):
     """Files read by a DataLoader, random crops and flips, dropout: the batches before the stop are
-    not read again and the loader draws nothing from the restored global RNG."""
+    not read again and the loader draws nothing from the restored global RNG. With the decoded store
+    (data.cache=auto) the crops of the resumed epoch's remaining images are those of the straight run."""
     import numpy as np
     from PIL import Image
 
@@ -153,8 +155,11 @@ def test_resume_mid_epoch_on_image_files_equals_an_uninterrupted_run(small_cfg, 
                 pixels = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8) // (2 if label == "a" else 1)
                 Image.fromarray(pixels).save(tmp_path / "photos" / split / label / f"{k}.png")
     common = ("data=folder", f"data.dataset.root={tmp_path / 'photos'}", "data.image_size=32", "data.batch_size=4",
-              "data.num_workers=0", "model=mobilenet_v3_small", "trainer.deterministic=true", "trainer.limit_train_batches=5")
+              "data.num_workers=0", "model=mobilenet_v3_small", "trainer.deterministic=true", "trainer.limit_train_batches=5",
+              f"data.cache={cache}")
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
     run.train(small_cfg(*common, f"trainer.checkpoint_dir={tmp_path}/straight", "logger.experiment_name=straight"))
+    assert len(list((tmp_path / "cache").glob("decoded/*.u8"))) == (cache != "off")
 
     with monkeypatch.context() as patch:
         stop_at_check(patch, 8)  # 5 steps, the end of epoch 1, 2 steps of epoch 2
