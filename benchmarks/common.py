@@ -27,14 +27,16 @@ def train_history(overrides: list[str]):
 
     def capture(*args, **kwargs):
         captured["history"] = loop.fit(*args, **kwargs)
-        return captured["history"]
+        result = captured["history"]
+    return getattr(result, "history", result)  # fit returns the loop's state, which holds the History
 
     run.fit = capture
     try:
         run.train(compose(overrides))
     finally:
         run.fit = loop.fit
-    return captured["history"]
+    result = captured["history"]
+    return getattr(result, "history", result)  # fit returns the loop's state, which holds the History
 
 
 def say(line: str = "") -> None:

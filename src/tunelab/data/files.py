@@ -1,7 +1,8 @@
 """The file-backed data options: your own images (torchvision ImageFolder) and CIFAR-10.
 
-Images are decoded by the loader's workers, each epoch; a split is a list of files (or, for
-CIFAR-10, rows of its array) with the transform of its use: augmented for training, plain otherwise.
+A split is a list of files (or, for CIFAR-10, rows of its array) with the transform of its use:
+augmented for training, plain otherwise. With `data.cache=off` the loader's workers decode and
+transform every image each epoch; otherwise `data.cached` reads them from pixels decoded once.
 """
 
 from __future__ import annotations
