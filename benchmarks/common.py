@@ -27,8 +27,7 @@ def train_history(overrides: list[str]):
 
     def capture(*args, **kwargs):
         captured["history"] = loop.fit(*args, **kwargs)
-        result = captured["history"]
-    return getattr(result, "history", result)  # fit returns the loop's state, which holds the History
+        return captured["history"]
 
     run.fit = capture
     try:
