@@ -50,9 +50,12 @@ class Pixels:
         return len(self.shapes)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        h, w, c = self.shapes[i]
-        pixels = np.array(self.flat[self.offsets[i] : self.offsets[i + 1]])  # a copy: a memory map is read-only
-        return torch.from_numpy(pixels).view(int(h), int(w), int(c)).permute(2, 0, 1)
+        return torch.from_numpy(np.array(self.view(i))).permute(2, 0, 1)  # a copy: a memory map is read-only
+
+    def view(self, i: int) -> np.ndarray:
+        """Image `i` as its stored HWC pixels, not copied (read-only when memory-mapped)."""
+        h, w, c = (int(n) for n in self.shapes[i])
+        return self.flat[self.offsets[i] : self.offsets[i + 1]].reshape(h, w, c)
 
     @property
     def nbytes(self) -> int:
