@@ -18,6 +18,7 @@ from torchvision.transforms.v2 import functional as F
 from conftest import ROOT, SMALL, mlflow_runs
 from tunelab import run
 from tunelab.data import cached_splits, image_folder, make_loader
+from tunelab.data.cached import draw_box
 from tunelab.data.decoded import open_store, shorter_side, store_key
 from tunelab.data.files import folder_transforms
 from tunelab.errors import ConfigError
@@ -111,6 +112,30 @@ def test_the_draws_are_the_same_for_any_number_of_workers_and_differ_between_epo
     assert torch.equal(torch.get_rng_state(), state)  # the global generator is not drawn from
     assert all(torch.equal(a, b) for a, b in zip(one, two)) and one[0].dtype == torch.float32
     assert not all(torch.equal(a, b) for a, b in zip(one, epoch(0, 2)))
+
+
+@pytest.mark.parametrize("height, width", [(256, 341), (100, 400), (1, 1000), (1000, 1)])
+def test_crop_boxes_are_drawn_as_torchvision_draws_them(height, width):
+    """draw_box against RandomResizedCrop.get_params: the same boxes where every try fails (the
+    central crop), the same distribution of sizes and places otherwise."""
+    from torchvision.transforms import RandomResizedCrop
+
+    scale, ratio, n = (0.08, 1.0), (3 / 4, 4 / 3), 10_000
+    torch.manual_seed(0)
+    ours = np.array([draw_box(height, width, scale, ratio, torch.rand(10, 4, dtype=torch.float64).tolist()) for _ in range(n)])
+    theirs = np.array([RandomResizedCrop.get_params(torch.empty(3, height, width), list(scale), list(ratio)) for _ in range(n)])
+    assert (ours[:, :2] + ours[:, 2:] <= [height, width]).all() and (ours >= 0).all() and (ours[:, 2:] > 0).all()
+    if min(height, width) == 1:
+        assert (ours == theirs).all()
+    else:  # (top, left, h, w): means within 1%, spreads within 3%, of the image's sides
+        for side, start, size in ((height, 0, 2), (width, 1, 3)):  # a box shorter than the side may touch its far edge
+            shorter = ours[:, size] < side
+            assert (ours[shorter, start] + ours[shorter, size] == side).any()
+        sides = np.array([height, width, height, width])
+        np.testing.assert_allclose(ours.mean(0) / sides, theirs.mean(0) / sides, atol=0.01)
+        np.testing.assert_allclose(ours.std(0) / sides, theirs.std(0) / sides, atol=0.03)
+        np.testing.assert_allclose(np.percentile(ours[:, 2] * ours[:, 3], [10, 50, 90]) / (height * width),
+                                   np.percentile(theirs[:, 2] * theirs[:, 3], [10, 50, 90]) / (height * width), atol=0.02)
 
 
 def test_cache_off_keeps_the_per_image_path(tmp_path, caplog):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 
 import numpy as np
@@ -45,33 +46,57 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
     return images.float().mul_(scale).add_(shift)
 
 
+def draw_box(height: int, width: int, scale, ratio, u) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a random resized crop, drawn as torchvision's RandomResizedCrop draws it:
+    up to ten tries of an area share uniform in `scale` and a log-uniform aspect ratio in `ratio`,
+    the first box that fits placed uniformly, else the central crop clamped to `ratio`.
+
+    `u` holds the 40 uniform numbers in [0, 1) of the ten tries (area, aspect, top, left), drawn in
+    one call: `get_params` asks the generator six times per try, which costs about as much as
+    resizing the crop."""
+    area, (low, high) = height * width, (math.log(ratio[0]), math.log(ratio[1]))
+    for a, r, t, l in u:
+        target, aspect = area * (scale[0] + a * (scale[1] - scale[0])), math.exp(low + r * (high - low))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(t * (height - h + 1)), int(l * (width - w + 1)), h, w
+    shape = width / height
+    if shape < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif shape > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
 class CropFirst:
     """The training steps of `files.augment_steps` (random resized crop, flip, then any policy) on a
     stored image, reading only the pixels its crop keeps.
 
-    The crop's box is drawn as torchvision's RandomResizedCrop draws it (`get_params`), then only that
+    The crop's box is drawn as torchvision's RandomResizedCrop draws it (`draw_box`), then only that
     box is copied out of the store and flipped before it is resized: the same image distribution as
-    the steps applied in turn, without copying and resizing the whole stored image.
+    the steps applied in turn, without copying and resizing the whole stored image. The image comes
+    out channels-last in memory, as the resize leaves it; a batch's collate lays it out.
     """
 
     def __init__(self, steps: list) -> None:
         from torchvision.transforms import v2
 
-        crop, self.flip, *rest = steps
-        require(isinstance(crop, v2.RandomResizedCrop) and isinstance(self.flip, v2.RandomHorizontalFlip),
+        crop, flip, *rest = steps
+        require(isinstance(crop, v2.RandomResizedCrop) and isinstance(flip, v2.RandomHorizontalFlip),
                 f"CropFirst takes a random resized crop and a flip first, got {steps}")
-        self.size, self.scale, self.ratio = list(crop.size), crop.scale, crop.ratio
+        self.size, self.scale, self.ratio, self.flip = list(crop.size), crop.scale, crop.ratio, flip.p
         self.rest = v2.Compose(rest) if rest else None
 
     def __call__(self, pixels: Pixels, i: int) -> torch.Tensor:
-        from torchvision.transforms import RandomResizedCrop
         from torchvision.transforms.v2 import functional as F
 
         stored = pixels.view(i)
-        shape = torch.empty((), dtype=torch.uint8).expand(3, *stored.shape[:2])  # the image's size, no pixels
-        top, left, h, w = RandomResizedCrop.get_params(shape, list(self.scale), list(self.ratio))
+        u = torch.rand(41, dtype=torch.float64).tolist()  # the flip, then ten tries of the box
+        top, left, h, w = draw_box(*stored.shape[:2], self.scale, self.ratio, zip(*[iter(u[1:])] * 4))
         box = torch.from_numpy(np.ascontiguousarray(stored[top : top + h, left : left + w])).permute(2, 0, 1)
-        image = F.resize(self.flip(box), self.size, antialias=True)
+        image = F.resize(F.horizontal_flip(box) if u[0] < self.flip else box, self.size, antialias=True)
         return self.rest(image) if self.rest is not None else image
 
 
@@ -136,7 +161,7 @@ class CachedImages(Dataset):
                 image = self.transform(self.pixels, self.index[i])
             finally:
                 torch.set_rng_state(state)
-        return (image.contiguous() if self.raw else normalize(image, self.mean, self.std)), self.targets[i]
+        return (image if self.raw else normalize(image.contiguous(), self.mean, self.std)), self.targets[i]
 
     def batched(self) -> "CachedImages":
         """These images as uint8 (for a loader that normalizes whole batches)."""
