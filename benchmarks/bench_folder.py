@@ -5,7 +5,9 @@
 
 Targets (2 CPU cores; 500x375 JPEGs at quality 90):
   training-loader images/s on one core (no workers, one torch thread; 224 px random resized crop
-  and flip), cache / off                                                        >= 5x
+  and flip), cache / off: uint8 batches as a loader core hands them over, as the issue measured
+  the decoded path (a GPU converts them), and normalized float batches (what a CPU run's one
+  core also pays)                                                               >= 5x
   a 4-job sweep x 3 epochs (mobilenet_v3_small at 96 px), whole wall time, cache / off   <= 0.5x
   the first epoch including the one-time decode, against an epoch of the off path        <= 1.3x
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,6 +27,7 @@ from pathlib import Path
 from common import ROOT, say, train_history
 
 CLASSES = 4
+ROUNDS = 3  # rounds of the loader measurement
 SWEEP = ["model=mobilenet_v3_small", "data.image_size=96", "freeze=head", "trainer.max_epochs=3",
          "trainer.device=cpu", "trainer.progress=false", "logger=none"]
 
@@ -126,11 +130,20 @@ def main() -> None:
         make_photos(root, args.images)
 
         os.environ["TUNELAB_CACHE"] = str(work / "cache-loader")
-        rates = {mode: loader_rate(root, mode) for mode in ("off", "memory")}
-        raw = loader_rate(root, "memory", normalized=False)
-        for mode, rate in rates.items():
-            say(f"training loader, one core, data.cache={mode:<6}: {rate:7.0f} images/s (normalized float batches)")
-        say(f"training loader, one core, data.cache=memory: {raw:7.0f} images/s (uint8 batches, normalized where the model is)")
+        # the paths take turns, three rounds, and each is its median: a shared machine's slow spell
+        # then falls on both paths rather than on one
+        runs = {"off": [], "memory": [], "uint8": []}
+        for _ in range(ROUNDS):
+            runs["off"].append(loader_rate(root, "off"))
+            runs["memory"].append(loader_rate(root, "memory"))
+            runs["uint8"].append(loader_rate(root, "memory", normalized=False))
+        rates = {path: statistics.median(rounds) for path, rounds in runs.items()}
+        raw = rates["uint8"]
+        for path, what in (("off", "normalized float batches"), ("memory", "normalized float batches"),
+                           ("uint8", "uint8 batches, normalized where the model is")):
+            mode = "off" if path == "off" else "memory"
+            say(f"training loader, one core, data.cache={mode:<6}: {rates[path]:7.0f} images/s ({what}; "
+                f"median of {', '.join(f'{r:.0f}' for r in runs[path])})")
 
         os.environ["TUNELAB_CACHE"] = str(work / "cache-first")
         decode, cached_epoch = first_epoch(root, "auto")
@@ -140,12 +153,12 @@ def main() -> None:
         walls = {mode: sweep_wall(root, mode, work) for mode in ("off", "auto")}
         say(f"4-job sweep x 3 epochs       : data.cache=off {walls['off']:.1f} s, data.cache=auto {walls['auto']:.1f} s")
 
-        loader = rates["memory"] / rates["off"]
+        loader, normalized = raw / rates["off"], rates["memory"] / rates["off"]
         sweep = walls["auto"] / walls["off"]
         first = (decode + cached_epoch) / off_epoch
         say()
-        say(f"training loader per core, cache / off       : {loader:5.2f}x  (target >= 5)    {'OK' if loader >= 5 else 'MISSED'}")
-        say(f"  the same, uint8 batches (a GPU normalizes) : {raw / rates['off']:5.2f}x")
+        say(f"training loader per core, cache / off       : {loader:5.2f}x  (target >= 5)    {'OK' if loader >= 5 else 'MISSED'}  uint8 batches")
+        say(f"  the same, normalized on the same core      : {normalized:5.2f}x  (target >= 5)    {'OK' if normalized >= 5 else 'MISSED'}  float batches")
         say(f"4-job sweep wall time, cache / off          : {sweep:5.2f}x  (target <= 0.5)  {'OK' if sweep <= 0.5 else 'MISSED'}")
         say(f"first epoch with the decode / an off epoch  : {first:5.2f}x  (target <= 1.3)  {'OK' if first <= 1.3 else 'MISSED'}")
 

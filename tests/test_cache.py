@@ -18,7 +18,7 @@ from torchvision.transforms.v2 import functional as F
 from conftest import ROOT, SMALL, mlflow_runs
 from tunelab import run
 from tunelab.data import cached_splits, image_folder, make_loader
-from tunelab.data.cached import draw_box
+from tunelab.data.cached import draw_box, normalize
 from tunelab.data.decoded import open_store, shorter_side, store_key
 from tunelab.data.files import folder_transforms
 from tunelab.errors import ConfigError
@@ -112,6 +112,16 @@ def test_the_draws_are_the_same_for_any_number_of_workers_and_differ_between_epo
     assert torch.equal(torch.get_rng_state(), state)  # the global generator is not drawn from
     assert all(torch.equal(a, b) for a, b in zip(one, two)) and one[0].dtype == torch.float32
     assert not all(torch.equal(a, b) for a, b in zip(one, epoch(0, 2)))
+
+
+def test_a_batch_is_normalized_as_its_images_one_by_one():
+    images = torch.randint(0, 256, (5, 3, 20, 30), dtype=torch.uint8)
+    mean, std = (torch.tensor(v).view(-1, 1, 1) for v in (MEAN, STD))
+    batch = normalize(images, mean, std)
+    assert batch.dtype == torch.float32 and batch.is_contiguous()
+    assert torch.equal(batch, torch.stack([normalize(image, mean, std) for image in images]))
+    assert torch.equal(batch, normalize(images.contiguous(memory_format=torch.channels_last), mean, std))
+    torch.testing.assert_close(batch, (images.float() / 255 - mean) / std, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("height, width", [(256, 341), (100, 400), (1, 1000), (1000, 1)])
