@@ -1,4 +1,4 @@
-"""data.dataset.augment: the random crop and flip, plus RandAugment or TrivialAugmentWide, on files."""
+"""data.augment: the random crop and flip, plus RandAugment or TrivialAugmentWide, on files."""
 
 from __future__ import annotations
 
@@ -39,8 +39,18 @@ def test_augmented_images_differ_between_draws(augment):
 
 
 def test_an_unknown_policy_names_the_key():
-    with pytest.raises(ConfigError, match=r"data\.dataset\.augment"):
+    with pytest.raises(ConfigError, match=r"data\.augment=autoaugment"):
         folder_transforms(32, MEAN, STD, "autoaugment")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.augment=true"], r"data\.augment=true: data=digits holds its images as tensors"),
+    (["data=fake", "data.augment=randaugment"], r"data\.augment=randaugment: data=fake"),
+    (["data=folder", "data.dataset.root=.", "data.augment=sometimes"], r"data\.augment=sometimes must be true, false, randaugment"),
+])
+def test_data_augment_is_checked_before_any_work(small_cfg, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        run.train(small_cfg(*overrides))
 
 
 def test_a_folder_trains_with_trivialaugment(small_cfg, tracking_uri, tmp_path):
@@ -48,6 +58,7 @@ def test_a_folder_trains_with_trivialaugment(small_cfg, tracking_uri, tmp_path):
         (tmp_path / "photos" / label).mkdir(parents=True)
         for k in range(10):
             _photo(k + (100 if label == "b" else 0)).save(tmp_path / "photos" / label / f"{k}.png")
-    run.train(small_cfg("data=folder", f"data.dataset.root={tmp_path / 'photos'}", "data.dataset.augment=trivialaugment", "data.image_size=32",
+    run.train(small_cfg("data=folder", f"data.dataset.root={tmp_path / 'photos'}", "data.augment=trivialaugment", "data.image_size=32",
                         "data.batch_size=4", "data.num_workers=0", "model=mobilenet_v3_small", "trainer.max_epochs=1"))
-    assert mlflow_runs(tracking_uri)[1][0].info.status == "FINISHED"
+    finished = mlflow_runs(tracking_uri)[1][0]
+    assert finished.info.status == "FINISHED" and finished.data.params["data.dataset.augment"] == "trivialaugment"

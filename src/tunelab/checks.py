@@ -6,6 +6,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from tunelab import checkpoints, models
+from tunelab.data.files import AUGMENT
 from tunelab.errors import require
 from tunelab.schedules import EPOCH_METRICS
 
@@ -54,12 +55,25 @@ def check_config(cfg: DictConfig) -> None:
     every = cfg.freeze.get("unfreeze_every") or 0
     number("freeze.unfreeze_every", every, integer=True)
     require(every >= 0, f"freeze.unfreeze_every={every} must be >= 0: unfreeze a stage every that many epochs (0 = never)")
+    _check_augment(cfg.data)
     workers = cfg.data.get("num_workers")
     if workers is not None:
         number("data.num_workers", workers, integer=True)
         require(workers >= 0, f"data.num_workers={workers} must be >= 0 (0 = load in the training process, null = min(4, cores - 1))")
     if cfg.model.get("weights_path"):  # its contents are checked when the model is built; a typo in the path is caught now
         models.weights_file(cfg.model.weights_path)
+
+
+def _check_augment(data: DictConfig) -> None:
+    """`data.augment` on image files; data held as tensors (digits, fake) is the same each epoch."""
+    augment = data.get("augment")
+    shown = str(augment).lower() if isinstance(augment, bool) else augment
+    if "cache" in data:  # image files
+        require(augment in AUGMENT, f"data.augment={shown} must be true, false, randaugment or trivialaugment")
+    else:
+        option = str(data.dataset._target_).rsplit(".", 1)[-1]
+        require(augment in (None, False), f"data.augment={shown}: data={option} holds its images as tensors, the same every epoch, and "
+                                          "tunelab does not augment them; augmentation is for image files (data=folder, csv or cifar10)")
 
 
 def _check_swa(cfg: DictConfig, monitors: dict[str, str]) -> None:

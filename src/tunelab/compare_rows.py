@@ -20,7 +20,7 @@ NOT_LEARNT = (
 #: training set's augmentation and size, the fold, a repeat key): runs that differ only in these are
 #: on the same data set and are compared with each other.
 DATA_KEYS_NOT_EVALUATED = (
-    "data.batch_size", "data.num_workers", "data.fold", "data.dataset.augment", "data.dataset.max_train_samples",
+    "data.batch_size", "data.num_workers", "data.fold", "data.augment", "data.dataset.augment", "data.dataset.max_train_samples",
     "data.dataset.skip_bad_files", "data.dataset.download",
 )
 #: The image size a run actually used (the configured one may be raised to the model's minimum).

@@ -34,7 +34,7 @@ def augment_steps(image_size: int, augment: bool | str) -> list:
     `augment` names one; none when `augment` is false."""
     from torchvision.transforms import v2
 
-    require(augment in AUGMENT, f"data.dataset.augment={augment!r} must be true, false, randaugment or trivialaugment")
+    require(augment in AUGMENT, f"data.augment={augment} must be true, false, randaugment or trivialaugment")
     if not augment:
         return []
     policy = {"randaugment": v2.RandAugment, "trivialaugment": v2.TrivialAugmentWide}.get(augment)
