@@ -14,6 +14,9 @@ from tunelab.cli import report_errors  # noqa: E402
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 @report_errors
 def main(cfg: DictConfig) -> float:
+    from tunelab.checks import check_config
+
+    check_config(cfg)  # bad values end here, in about a second: before torch is imported and MLflow's helper starts
     from tunelab.tracking import start_helper_early
 
     start_helper_early(cfg.logger)  # MLflow's helper process imports MLflow while this one imports torch

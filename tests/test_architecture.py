@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "tunelab"
 #: The layers, lowest first; a module may import its own layer and those below, never one above.
 #: The README's Architecture section describes the same table.
 LAYERS = [
-    ["errors", "folders", "quick_exit", "distributed", "plots"],
+    ["errors", "choices", "folders", "quick_exit", "distributed", "plots"],
     ["data", "models", "freezing", "compositions", "schedules", "checkpoints", "optimizers", "environment", "metrics", "compare_stats"],
     ["checks", "prepare", "inference"],
     ["callbacks", "loop", "range_test", "predictions", "serving"],

@@ -3,6 +3,7 @@ no traceback, and no MLflow run left RUNNING."""
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -96,3 +97,16 @@ def test_bad_input(case, files, tmp_path):
     if (tmp_path / "mlflow.db").exists():
         _, runs = mlflow_runs(uri)
         assert all(r.info.status != "RUNNING" for r in runs)
+
+
+def test_a_bad_value_is_reported_before_torch_is_imported(tmp_path):
+    """The config's values are checked before train.py imports torch (3-4 s of a run's start): a
+    `torch` that cannot be imported stands in for the real one, and the bad value is still named."""
+    fake = tmp_path / "no-torch" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise ImportError("torch was imported before the config was checked")\n')
+    env = {"PYTHONPATH": f"{fake.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc = run_train(["optimizer.lr=0", "trainer.device=cpu"], cwd=tmp_path, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Error: optimizer.lr=0 must be > 0" in proc.stderr
+    assert "torch was imported" not in proc.stdout + proc.stderr

@@ -27,6 +27,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from tunelab.choices import KEEP_CHECKPOINTS
 from tunelab.errors import ConfigError, ReportedError, require
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ RESUMABLE_CHANGES = ("trainer.resume", "trainer.progress", "trainer.device", "tr
                      "logger.in_process", "trainer.checkpoint_min_interval_s", "optimizer.fused", "optimizer.foreach",
                      "trainer.keep_checkpoints")
 #: `trainer.keep_checkpoints`: what a finished run keeps, each with the files it removes.
-KEEP = {"all": (), "best": (LAST,), "none": (LAST, BEST)}
+KEEP = dict(zip(KEEP_CHECKPOINTS, ((), (LAST,), (LAST, BEST))))
 
 
 class CheckpointError(ReportedError):

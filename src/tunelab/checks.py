@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from tunelab import checkpoints, models
-from tunelab.data.files import AUGMENT
+from tunelab.choices import AUGMENT, EPOCH_METRICS, KEEP_CHECKPOINTS
 from tunelab.errors import require
-from tunelab.schedules import EPOCH_METRICS
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -44,7 +42,7 @@ def check_config(cfg: DictConfig) -> None:
     number("freeze.depth", cfg.freeze.depth, integer=True)
     number("seed", cfg.seed, integer=True)
     keep = cfg.trainer.keep_checkpoints
-    require(keep in checkpoints.KEEP, f"trainer.keep_checkpoints={keep} must be one of {', '.join(checkpoints.KEEP)}")
+    require(keep in KEEP_CHECKPOINTS, f"trainer.keep_checkpoints={keep} must be one of {', '.join(KEEP_CHECKPOINTS)}")
     number("trainer.checkpoint_min_interval_s", cfg.trainer.checkpoint_min_interval_s)
     require(cfg.trainer.checkpoint_min_interval_s >= 0, f"trainer.checkpoint_min_interval_s={cfg.trainer.checkpoint_min_interval_s} must be >= 0 (0 = after every epoch)")
     require(str(cfg.trainer.precision) in ("32", "bf16-mixed", "16-mixed"), f"trainer.precision={cfg.trainer.precision} must be 32, bf16-mixed or 16-mixed")
@@ -61,7 +59,9 @@ def check_config(cfg: DictConfig) -> None:
         number("data.num_workers", workers, integer=True)
         require(workers >= 0, f"data.num_workers={workers} must be >= 0 (0 = load in the training process, null = min(4, cores - 1))")
     if cfg.model.get("weights_path"):  # its contents are checked when the model is built; a typo in the path is caught now
-        models.weights_file(cfg.model.weights_path)
+        from tunelab.models import weights_file  # torch: only a run that loads weights imports it this early
+
+        weights_file(cfg.model.weights_path)
 
 
 def _check_augment(data: DictConfig) -> None:

@@ -25,6 +25,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ChainedScheduler, LinearLR, ReduceLROnPlateau, SequentialLR
 
 from tunelab import compositions
+from tunelab.choices import EPOCH_METRICS
 from tunelab.compositions import Part
 from tunelab.errors import ConfigError, build, require
 from tunelab.metrics import lower_is_better
@@ -35,10 +36,6 @@ log = logging.getLogger(__name__)
 TUNELAB_KEYS = ("interval", "warmup_epochs", "warmup_start_factor", "monitor")
 #: Param-group entries that hold a learning rate (set by the optimizer and by schedulers).
 _LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr", "swa_lr")
-#: Metrics `monitor` may name (logged once per epoch).
-EPOCH_METRICS = ("val/loss", "val/acc", "val/balanced_acc", "val/macro_f1", "train/loss", "train/acc",
-                 "val/loss_ema", "val/acc_ema", "val/balanced_acc_ema", "val/macro_f1_ema",
-                 "val/loss_swa", "val/acc_swa", "val/balanced_acc_swa", "val/macro_f1_swa")
 
 
 def step_decay(epoch: int, every: int = 30, factor: float = 0.1) -> float:

@@ -16,16 +16,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from tunelab.choices import AUGMENT
 from tunelab.data.splits import Splits, log_class_counts, select, stratified_split, three_way_split
 from tunelab.errors import ConfigError, require
 
 log = logging.getLogger(__name__)
 
 SPLIT_FOLDERS = ("train", "val", "test")
-
-
-#: `augment` values: the random crop and flip alone (true), plus one of torchvision's automatic policies.
-AUGMENT = (True, False, "randaugment", "trivialaugment")
 
 
 def augment_steps(image_size: int, augment: bool | str) -> list:
