@@ -17,6 +17,7 @@ from torch import nn
 
 from conftest import ROOT, SMALL, metric_series, mlflow_runs, run_train, stop_at_check
 from tunelab import checkpoints, run, tracking
+from tunelab.choices import KEEP_CHECKPOINTS
 from tunelab.errors import ConfigError, ReportedError
 from tunelab.loop import NonFiniteLossError
 
@@ -429,6 +430,10 @@ def test_resume_refuses_a_different_config(small_cfg, tracking_uri, tmp_path):
     run.train(small_cfg(f"trainer.checkpoint_dir={tmp_path}"))
     with pytest.raises(ConfigError, match=r"optimizer.lr"):
         run.train(small_cfg(f"trainer.checkpoint_dir={tmp_path}", "trainer.resume=auto", "optimizer.lr=0.5"))
+
+
+def test_the_checked_keep_checkpoints_values_are_the_ones_checkpoints_knows():
+    assert tuple(checkpoints.KEEP) == KEEP_CHECKPOINTS
 
 
 @pytest.mark.parametrize("keep, left", [("all", {"last.pt", "best.pt"}), ("best", {"best.pt"}), ("none", set())])

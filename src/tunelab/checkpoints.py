@@ -27,7 +27,6 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from tunelab.choices import KEEP_CHECKPOINTS
 from tunelab.errors import ConfigError, ReportedError, require
 
 log = logging.getLogger(__name__)
@@ -40,8 +39,8 @@ BEST_EXTRAS = ("model_info", "run_id", "config")
 RESUMABLE_CHANGES = ("trainer.resume", "trainer.progress", "trainer.device", "trainer.checkpoint_dir", "trainer.log_every_n_steps", "data.num_workers",
                      "logger.in_process", "trainer.checkpoint_min_interval_s", "optimizer.fused", "optimizer.foreach",
                      "trainer.keep_checkpoints")
-#: `trainer.keep_checkpoints`: what a finished run keeps, each with the files it removes.
-KEEP = dict(zip(KEEP_CHECKPOINTS, ((), (LAST,), (LAST, BEST))))
+#: `trainer.keep_checkpoints` (the names of `choices.KEEP_CHECKPOINTS`), each with the files a finished run removes.
+KEEP = {"all": (), "best": (LAST,), "none": (LAST, BEST)}
 
 
 class CheckpointError(ReportedError):

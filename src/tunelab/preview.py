@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from tunelab.choices import EPOCH_METRICS
 from tunelab.data import train_size
 from tunelab.errors import ConfigError, build, require
-from tunelab.schedules import EPOCH_METRICS, build_schedule
+from tunelab.schedules import build_schedule
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
